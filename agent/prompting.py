@@ -1,0 +1,112 @@
+"""Prompt and observation turns as token ids (Qwen2.5-VL chat format; METHOD.md 2).
+
+Every piece is encoded separately and concatenated, so the boundaries of images, prompt and
+observations are exact and nothing is ever re-tokenised (DESIGN.md decision 2). Tool results go
+into a **user** turn: Qwen's chat templates drop images inside ``tool``-role messages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from agent.tools import TOOL_SCHEMAS
+
+SYSTEM_TEXT = "You are a helpful assistant. Look at the images and answer the question."
+FORMAT_WITH_TOOLS = (
+    "Think step by step inside <think> </think>, then either call one tool inside "
+    "<tool_call> </tool_call> or give the final answer inside <answer> </answer>."
+)
+FORMAT_NO_TOOLS = "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
+
+
+@dataclass(frozen=True)
+class ChatIds:
+    """Token ids of the chat and vision special tokens of one tokenizer."""
+
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> ChatIds:
+        """Look the ids up; raises ``ValueError`` naming a token the tokenizer lacks."""
+        names = {
+            "im_start": "<|im_start|>",
+            "im_end": "<|im_end|>",
+            "vision_start": "<|vision_start|>",
+            "vision_end": "<|vision_end|>",
+            "image_pad": "<|image_pad|>",
+        }
+        ids = {}
+        for field_name, tok in names.items():
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"tokenizer has no {tok} token: not a Qwen2-VL/Qwen2.5-VL tokenizer"
+                )
+            ids[field_name] = tid
+        return cls(**ids)
+
+
+class PromptBuilder:
+    """Encodes the initial prompt and observation turns of the agent as token ids.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        tools: tools advertised in the system turn (``()`` for the ``tools=none`` arm).
+    """
+
+    def __init__(self, tokenizer, tools: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.tools = tools
+        self.ids = ChatIds.from_tokenizer(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode plain text (special tokens in it are recognised) without BOS/EOS."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def image_ids(self, n_tokens: int) -> list[int]:
+        """``<|vision_start|>`` + ``<|image_pad|>`` x ``n_tokens`` + ``<|vision_end|>``."""
+        return [self.ids.vision_start] + [self.ids.image_pad] * n_tokens + [self.ids.vision_end]
+
+    def system_text(self) -> str:
+        text = SYSTEM_TEXT
+        if self.tools:
+            listed = "\n".join(json.dumps(TOOL_SCHEMAS[t]) for t in self.tools)
+            text += f"\n\n# Tools\n<tools>\n{listed}\n</tools>"
+        return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+    def prompt(self, question: str, image_tokens: list[int]) -> list[int]:
+        """Initial prompt: system turn, user turn ``Image k: <image>`` ..., question, format.
+
+        Args:
+            question: the question text.
+            image_tokens: image tokens per input image (``t*h*w / merge**2``).
+
+        Returns:
+            Token ids ending with the ``<|im_start|>assistant\\n`` header.
+        """
+        ids = self.encode(self.system_text() + "<|im_start|>user\n")
+        for k, n in enumerate(image_tokens, start=1):
+            ids += self.encode(f"Image {k}: ") + self.image_ids(n) + self.encode("\n")
+        fmt = FORMAT_WITH_TOOLS if self.tools else FORMAT_NO_TOOLS
+        ids += self.encode(f"{question}\n{fmt}<|im_end|>\n<|im_start|>assistant\n")
+        return ids
+
+    def observation(self, text: str, images: list[tuple[str, int]], close_turn: bool) -> list[int]:
+        """A tool observation as a new user turn, then the next assistant header.
+
+        Args:
+            text: observation text (``"Error: ..."`` for a failed call).
+            images: ``(label, n_tokens)`` per returned image.
+            close_turn: also emit ``<|im_end|>`` first (the policy's turn was cut before it).
+        """
+        head = ("<|im_end|>" if close_turn else "") + "\n<|im_start|>user\n<tool_response>\n" + text
+        ids = self.encode(head)
+        for label, n in images:
+            ids += self.encode(f"\n{label}: ") + self.image_ids(n)
+        ids += self.encode("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        return ids

@@ -1,0 +1,331 @@
+"""Multi-turn agent rollouts behind a generator interface (METHOD.md 2; DESIGN.md data flow).
+
+``rollout`` steps many episodes in lock-step, one assistant turn at a time, so a backend can
+batch them: ``HFGenerator`` (transformers ``generate``, CPU) here, a vLLM backend on GPU later,
+both implementing :class:`Generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from agent.data.scoring import exact_match
+from agent.prompting import PromptBuilder
+from agent.reward import outcome_reward
+from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, run_tool
+from agent.trajectory import ImageRecord, Trajectory, TurnEvent
+
+TOOL_SETS = {
+    "none": (),
+    "reflect": ("reflect",),
+    "confirm": ("confirm",),
+    "both": ("reflect", "confirm"),
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the agent runs an episode (METHOD.md 2).
+
+    Attributes:
+        tools: ablation switch: ``"none"`` (no tools advertised; single turn), ``"reflect"``,
+            ``"confirm"`` or ``"both"``.
+        max_turns: assistant turns per episode (paper-free default 5).
+        max_new_tokens: tokens the policy may sample per turn.
+        max_total_tokens: context budget of the whole sequence, in tokens.
+        max_images: image budget: input plus tool-returned images per episode.
+        temperature: sampling temperature (0 = greedy).
+    """
+
+    tools: str = "both"
+    max_turns: int = 5
+    max_new_tokens: int = 48
+    max_total_tokens: int = 4096
+    max_images: int = 12
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.tools not in TOOL_SETS:
+            raise ValueError(
+                f"AgentConfig.tools must be one of {sorted(TOOL_SETS)}, got {self.tools!r}"
+            )
+        for name in ("max_turns", "max_new_tokens", "max_total_tokens", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"AgentConfig.temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return TOOL_SETS[self.tools]
+
+
+@dataclass
+class GenRequest:
+    """One turn to generate: the full sequence so far (trainer track) and its images."""
+
+    token_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+@dataclass
+class GenResult:
+    """Sampled continuation: ids, their log-probs (nats) and whether the end token was reached."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    finished: bool
+
+
+class Generator(Protocol):
+    """A rollout engine: continues each request by one assistant turn."""
+
+    def generate(
+        self, requests: list[GenRequest], max_new_tokens: int, temperature: float
+    ) -> list[GenResult]: ...
+
+
+class HFGenerator:
+    """transformers ``generate`` backend (CPU or GPU), one sequence per call.
+
+    The four vision special tokens are suppressed at sampling time (OFFLINE.md: a young policy
+    samples ``<|image_pad|>`` and the next forward fails). Sampling is from the full
+    distribution (``top_k=0``, ``top_p=1``) so that trainer log-probs match rollout log-probs.
+
+    Args:
+        model: a Qwen2-VL/Qwen2.5-VL ``ForConditionalGeneration``.
+        eos_token_id: the turn's end token (``<|im_end|>``).
+        pad_token_id: padding id.
+        suppress_ids: token ids never to sample.
+        image_token_id: ``<|image_pad|>`` id (for ``mm_token_type_ids``).
+    """
+
+    def __init__(
+        self,
+        model,
+        eos_token_id: int,
+        pad_token_id: int,
+        suppress_ids: list[int],
+        image_token_id: int,
+    ):
+        self.model = model
+        self.eos = eos_token_id
+        self.pad = pad_token_id
+        self.suppress = list(suppress_ids)
+        self.image_token_id = image_token_id
+
+    @torch.no_grad()
+    def generate(
+        self, requests: list[GenRequest], max_new_tokens: int, temperature: float
+    ) -> list[GenResult]:
+        return [self._one(r, max_new_tokens, temperature) for r in requests]
+
+    def _one(self, req: GenRequest, max_new_tokens: int, temperature: float) -> GenResult:
+        ids = torch.tensor([req.token_ids], dtype=torch.long)
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=(ids == self.image_token_id).to(torch.int32),
+        )
+        if req.pixel_values is not None:
+            kwargs.update(pixel_values=req.pixel_values, image_grid_thw=req.image_grid_thw)
+        sample = temperature > 0
+        out = self.model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            suppress_tokens=self.suppress,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        new = out.sequences[0, ids.shape[1] :].tolist()
+        log_probs = [
+            torch.log_softmax(score[0].float(), dim=-1)[tok].item()
+            for score, tok in zip(out.scores, new)
+        ]
+        finished = bool(new) and new[-1] == self.eos
+        return GenResult(new, log_probs, finished)
+
+
+class _Episode:
+    """Mutable state of one running episode."""
+
+    def __init__(self, traj: Trajectory, inputs: list, done: bool = False):
+        self.traj = traj
+        self.inputs = inputs  # input PIL images, 1-based in tool calls
+        self.done = done
+
+
+class Agent:
+    """Runs episodes of the reflect/confirm agent for one policy.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        image_processor: the policy's Qwen2-VL image processor.
+        config: :class:`AgentConfig`.
+    """
+
+    def __init__(self, tokenizer, image_processor, config: AgentConfig):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompts = PromptBuilder(tokenizer, config.tool_names)
+        self.frame = ImageFrame.from_processor(image_processor)
+        self.merge = int(image_processor.merge_size)
+
+    def encode_image(self, record: ImageRecord) -> ImageRecord:
+        """Run the image processor on ``record.image``; fills ``pixel_values`` and ``grid_thw``."""
+        out = self.image_processor(images=[record.image], return_tensors="pt")
+        record.pixel_values = out["pixel_values"]
+        record.grid_thw = tuple(int(v) for v in out["image_grid_thw"][0])
+        return record
+
+    def start(self, sample, group: int = 0) -> Trajectory:
+        """A trajectory holding the initial prompt of ``sample`` (no turns yet)."""
+        records = [
+            self.encode_image(ImageRecord(im.convert("RGB"), "input", k))
+            for k, im in enumerate(sample.images, 1)
+        ]
+        ids = self.prompts.prompt(sample.question, [r.n_tokens(self.merge) for r in records])
+        return Trajectory(
+            sample_id=sample.id,
+            family=sample.family,
+            gold=sample.answer,
+            answer_type=sample.answer_type,
+            token_ids=list(ids),
+            prompt_len=len(ids),
+            response_mask=[0] * len(ids),
+            rollout_log_probs=[0.0] * len(ids),
+            images=records,
+            group=group,
+        )
+
+    def request(self, traj: Trajectory) -> GenRequest:
+        """The generation request continuing ``traj``."""
+        pv = torch.cat([r.pixel_values for r in traj.images]) if traj.images else None
+        grid = torch.tensor([r.grid_thw for r in traj.images]) if traj.images else None
+        return GenRequest(traj.token_ids, pv, grid)
+
+    def step(self, ep: _Episode, result: GenResult, turn: int) -> None:
+        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2)."""
+        traj, cfg = ep.traj, self.config
+        start, end = traj.extend(result.token_ids, sampled=True, log_probs=result.log_probs)
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
+        event = TurnEvent(
+            turn=turn,
+            kind="void",
+            start=start,
+            end=end,
+            text=text,
+            hit_length_limit=not result.finished,
+        )
+        traj.events.append(event)
+        call = TOOL_CALL_RE.search(text) if cfg.tool_names else None
+        answer = ANSWER_RE.search(text)
+        if call and (not answer or call.start() < answer.start()):
+            self._tool_turn(ep, event, call.group(1), close_turn=not result.finished)
+        elif answer:
+            event.kind = "answer"
+            traj.answer = answer.group(1).strip()
+            ep.done = True
+        else:
+            traj.flags["void_turn"] = True
+            ep.done = True
+        if not ep.done and (
+            turn + 1 >= cfg.max_turns
+            or len(traj.token_ids) + cfg.max_new_tokens > cfg.max_total_tokens
+        ):
+            traj.flags["truncated"] = True  # turn or context budget spent without an answer
+            ep.done = True
+
+    def _tool_turn(self, ep: _Episode, event: TurnEvent, payload: str, close_turn: bool) -> None:
+        traj, cfg = ep.traj, self.config
+        event.kind = "tool_call"
+        res = run_tool(payload, ep.inputs, self.frame, cfg.tool_names)
+        event.tool, event.ok, event.arguments = res.name, res.ok, res.arguments
+        call_index = sum(1 for e in traj.events if e.kind == "tool_call") - 1
+        new_records = [
+            ImageRecord(ti.image.convert("RGB"), res.name, ti.source, call_index, ti.bbox)
+            for ti in res.images
+        ]
+        text = res.text
+        if len(traj.images) + len(new_records) > cfg.max_images:
+            text, new_records = f"Error: image budget of {cfg.max_images} images exceeded", []
+            traj.flags["over_budget"] = True
+            ep.done = True
+        if not res.ok:
+            event.error = res.text
+            traj.flags["failed_call"] = True
+        labels = []
+        for r in new_records:
+            self.encode_image(r)
+            labels.append((f"Image {r.source} ({r.origin})", r.n_tokens(self.merge)))
+        obs = self.prompts.observation(text, labels, close_turn=close_turn)
+        event.obs_start, event.obs_end = traj.extend(obs, sampled=False)
+        event.images = list(range(len(traj.images), len(traj.images) + len(new_records)))
+        traj.images.extend(new_records)
+
+
+def score_trajectory(traj: Trajectory, tool_gain: float, reward_form: str = "imagent") -> None:
+    """Fill ``acc``, ``fmt``, ``used`` and ``reward`` of a finished trajectory (METHOD.md 5).
+
+    ``fmt`` is -1 when the episode ended without an answer or holds a void turn or failed call.
+    """
+    traj.acc = (
+        exact_match(traj.answer, traj.gold, traj.answer_type) if traj.answer is not None else 0.0
+    )
+    malformed = traj.answer is None or traj.flags["void_turn"] or traj.flags["failed_call"]
+    traj.fmt = -1.0 if malformed else 0.0
+    traj.used = float(any(e.kind == "tool_call" and e.ok for e in traj.events))
+    traj.reward = outcome_reward(traj.acc, traj.fmt, traj.used, tool_gain, reward_form)
+
+
+def rollout(
+    agent: Agent,
+    generator: Generator,
+    samples: list,
+    group_size: int = 1,
+    tool_gain: float = 0.5,
+    reward_form: str = "imagent",
+) -> list[Trajectory]:
+    """Run ``group_size`` episodes per sample in lock-step and score them.
+
+    Args:
+        agent: the :class:`Agent`.
+        generator: any :class:`Generator`.
+        samples: task samples (``id, family, images, question, answer, answer_type``).
+        group_size: G, episodes per sample (a GRPO group).
+        tool_gain: reward gain ``g`` for successful tool use.
+        reward_form: ``"imagent"`` or ``"deepeyes"``.
+
+    Returns:
+        ``len(samples) * group_size`` trajectories, grouped by sample (``traj.group`` = sample index).
+    """
+    episodes = []
+    for gi, sample in enumerate(samples):
+        first = agent.start(sample, gi)  # images are encoded once per sample, shared by the group
+        for g in range(group_size):
+            episodes.append(_Episode(first if g == 0 else first.fork(), list(sample.images)))
+    for turn in range(agent.config.max_turns):
+        active = [ep for ep in episodes if not ep.done]
+        if not active:
+            break
+        results = generator.generate(
+            [agent.request(ep.traj) for ep in active],
+            agent.config.max_new_tokens,
+            agent.config.temperature,
+        )
+        for ep, res in zip(active, results):
+            agent.step(ep, res, turn)
+    for ep in episodes:
+        score_trajectory(ep.traj, tool_gain, reward_form)
+    return [ep.traj for ep in episodes]

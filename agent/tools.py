@@ -1,0 +1,251 @@
+"""The agent's two visual tools, ``reflect`` and ``confirm`` (IMAgent, arXiv 2512.08980; METHOD.md 2).
+
+A tool call is parsed from the policy's text; every failure (bad JSON, unknown tool, bad image
+index, bad box) is returned as data, a :class:`ToolResult` with ``ok=False`` and an
+``Error: ...`` observation, never raised: a malformed call from the model is part of the episode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+TOOL_NAMES = ("reflect", "confirm")
+
+TOOL_SCHEMAS = {
+    "reflect": {
+        "name": "reflect",
+        "description": "Look at the original images again. Returns the listed images (default: all).",
+        "parameters": {
+            "type": "object",
+            "properties": {"images": {"type": "array", "items": {"type": "integer"}}},
+        },
+    },
+    "confirm": {
+        "name": "confirm",
+        "description": "Zoom into a box of one image to check a detail. Returns the enlarged crop.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "image": {"type": "integer"},
+                "bbox_2d": {"type": "array", "items": {"type": "integer"}},
+            },
+            "required": ["image", "bbox_2d"],
+        },
+    },
+}
+
+MIN_BOX_PX = 4  # pixels in the model frame (METHOD.md 2)
+MAX_ASPECT = 50.0  # crops more elongated than this are refused; Qwen's smart_resize refuses > 200
+
+
+@dataclass
+class ToolImage:
+    """An image returned by a tool.
+
+    Attributes:
+        image: the RGB image given to the image processor.
+        source: 1-based index of the input image it comes from.
+        bbox: crop box ``(x1, y1, x2, y2)`` in original pixels of ``source`` (``None``: whole image).
+    """
+
+    image: Image.Image
+    source: int
+    bbox: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class ToolResult:
+    """Outcome of one tool call.
+
+    Attributes:
+        name: tool name as called (may be unknown).
+        arguments: parsed arguments (``{}`` when unparseable).
+        ok: whether the call succeeded.
+        text: observation text shown to the policy (``"Error: ..."`` when not ok).
+        images: images returned (empty on error).
+    """
+
+    name: str
+    arguments: dict
+    ok: bool
+    text: str
+    images: list[ToolImage] = field(default_factory=list)
+
+
+def _error(name: str, arguments: dict, message: str) -> ToolResult:
+    return ToolResult(name=name, arguments=arguments, ok=False, text=f"Error: {message}")
+
+
+def parse_tool_call(payload: str) -> tuple[str, dict] | str:
+    """Parse the JSON inside ``<tool_call>...</tool_call>``.
+
+    Returns:
+        ``(name, arguments)`` on success, else an error message (a ``str``).
+    """
+    try:
+        obj = json.loads(payload.strip())
+    except (json.JSONDecodeError, ValueError) as exc:
+        return f"tool call is not valid JSON ({exc.msg})"
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return 'tool call must be a JSON object with a "name" string'
+    args = obj.get("arguments", {})
+    if not isinstance(args, dict):
+        return '"arguments" must be a JSON object'
+    return obj["name"], args
+
+
+def model_frame_size(
+    image: Image.Image, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Size ``(width, height)`` in pixels at which the Qwen2-VL image processor shows ``image``.
+
+    Follows ``smart_resize`` of transformers' Qwen2-VL image processor: round each side to a
+    multiple of ``patch_size * merge_size``, then scale into ``[min_pixels, max_pixels]``.
+    """
+    factor = patch_size * merge_size
+    w, h = image.size
+    h_bar = max(factor, round(h / factor) * factor)
+    w_bar = max(factor, round(w / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((h * w) / max_pixels)
+        h_bar = max(factor, math.floor(h / beta / factor) * factor)
+        w_bar = max(factor, math.floor(w / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        h_bar = math.ceil(h * beta / factor) * factor
+        w_bar = math.ceil(w * beta / factor) * factor
+    return w_bar, h_bar
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """How the image processor resizes images, to map model-frame boxes back to original pixels."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    def size(self, image: Image.Image) -> tuple[int, int]:
+        """Model-frame ``(width, height)`` in pixels of ``image``."""
+        return model_frame_size(
+            image, self.patch_size, self.merge_size, self.min_pixels, self.max_pixels
+        )
+
+    @classmethod
+    def from_processor(cls, image_processor: object) -> ImageFrame:
+        """Read patch/merge size and pixel caps from a Qwen2-VL image processor."""
+        size = getattr(image_processor, "size", None) or {}
+        return cls(
+            patch_size=int(image_processor.patch_size),
+            merge_size=int(image_processor.merge_size),
+            min_pixels=int(
+                size.get("shortest_edge", getattr(image_processor, "min_pixels", 56 * 56))
+            ),
+            max_pixels=int(
+                size.get("longest_edge", getattr(image_processor, "max_pixels", 28 * 28 * 1280))
+            ),
+        )
+
+
+def reflect(arguments: dict, images: list[Image.Image]) -> ToolResult:
+    """Visual reflection: return the listed input images again (1-based; default all)."""
+    idx = arguments.get("images", list(range(1, len(images) + 1)))
+    if isinstance(idx, int):
+        idx = [idx]
+    if (
+        not isinstance(idx, list)
+        or not idx
+        or not all(isinstance(k, int) and not isinstance(k, bool) for k in idx)
+    ):
+        return _error("reflect", arguments, '"images" must be a non-empty list of image numbers')
+    bad = [k for k in idx if not 1 <= k <= len(images)]
+    if bad:
+        return _error("reflect", arguments, f"image {bad[0]} is out of range 1..{len(images)}")
+    idx = list(dict.fromkeys(idx))
+    text = "Here are the images again: " + ", ".join(f"Image {k}" for k in idx) + "."
+    return ToolResult("reflect", arguments, True, text, [ToolImage(images[k - 1], k) for k in idx])
+
+
+def _check_box(box: object, frame_w: int, frame_h: int) -> tuple[float, float, float, float] | str:
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
+        return '"bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2]'
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        return f"box {box} is empty or inverted (need x1 < x2 and y1 < y2)"
+    x1, x2 = max(0.0, x1), min(float(frame_w), x2)
+    y1, y2 = max(0.0, y1), min(float(frame_h), y2)
+    if x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+        return f"box {box} is outside the image or smaller than {MIN_BOX_PX} px (image is {frame_w}x{frame_h})"
+    if max((x2 - x1) / (y2 - y1), (y2 - y1) / (x2 - x1)) > MAX_ASPECT:
+        return f"box {box} has an aspect ratio above {MAX_ASPECT:g}"
+    return x1, y1, x2, y2
+
+
+def confirm(arguments: dict, images: list[Image.Image], frame: ImageFrame) -> ToolResult:
+    """Visual confirmation: crop a box of one input image and return it enlarged.
+
+    ``bbox_2d`` is in pixels of image ``image`` as the model sees it (after the processor's
+    resize, :meth:`ImageFrame.size`); it is clamped to the image, mapped back to original pixels,
+    cropped from the original, and enlarged to fill ``frame.max_pixels``.
+    """
+    k = arguments.get("image")
+    if not isinstance(k, int) or isinstance(k, bool):
+        return _error("confirm", arguments, '"image" must be an image number')
+    if not 1 <= k <= len(images):
+        return _error("confirm", arguments, f"image {k} is out of range 1..{len(images)}")
+    original = images[k - 1]
+    fw, fh = frame.size(original)
+    box = _check_box(arguments.get("bbox_2d"), fw, fh)
+    if isinstance(box, str):
+        return _error("confirm", arguments, box)
+    sx, sy = original.width / fw, original.height / fh
+    x1, y1 = int(math.floor(box[0] * sx)), int(math.floor(box[1] * sy))
+    x2, y2 = max(x1 + 1, int(math.ceil(box[2] * sx))), max(y1 + 1, int(math.ceil(box[3] * sy)))
+    crop = original.crop((x1, y1, x2, y2))
+    zoom = math.sqrt(frame.max_pixels / (crop.width * crop.height))
+    crop = crop.resize(
+        (max(1, round(crop.width * zoom)), max(1, round(crop.height * zoom))), Image.BICUBIC
+    )
+    text = f"Here is the zoomed region of Image {k}."
+    return ToolResult("confirm", arguments, True, text, [ToolImage(crop, k, (x1, y1, x2, y2))])
+
+
+def run_tool(
+    payload: str, images: list[Image.Image], frame: ImageFrame, enabled: tuple[str, ...]
+) -> ToolResult:
+    """Parse and execute one tool call against the trajectory's input images.
+
+    Args:
+        payload: the text between ``<tool_call>`` and ``</tool_call>``.
+        images: the sample's input images (original pixels), 1-based in calls.
+        frame: the image processor's resize rule.
+        enabled: tools advertised in this arm (``tools`` switch); others are unknown tools.
+
+    Returns:
+        A :class:`ToolResult`; never raises on malformed input.
+    """
+    parsed = parse_tool_call(payload)
+    if isinstance(parsed, str):
+        return _error("?", {}, parsed)
+    name, args = parsed
+    if name not in enabled:
+        return _error(
+            name, args, f"unknown tool '{name}'; available: {', '.join(enabled) or 'none'}"
+        )
+    if name == "reflect":
+        return reflect(args, images)
+    return confirm(args, images, frame)
+
+
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)

@@ -1,0 +1,598 @@
+"""The run directory: the on-disk contract between training, the app and the figures.
+
+Layout (DESIGN.md decision 5)::
+
+    RUN/
+      manifest.json              relook_version, created, grid, arms, seeds, versions, status
+      ARM/                       one folder per arm, e.g. "full-s0", "tools_none-s1"
+        config.json              resolved config of the arm
+        status.json              status, started, finished, error, stage
+        metrics.parquet          one row per training step: "step" + float "namespace/name" columns
+        eval.json                split, n, accuracy, per_family, tool_call_rate, tool_calls, model
+        trajectories.jsonl       one json object per trajectory
+        attention.parquet        long table, one row per (trajectory, token, layer, head, region)
+        attention_events.parquet one row per tool call
+
+Every write is atomic (temp file in the same folder, fsync, ``os.replace``): a reader never sees a
+half-written file under its final name. Readers raise :class:`RunDirError` naming the path and
+the problem; readers of optional files return an empty frame with the right columns.
+
+The attention helpers at the end (``region_group`` ... ``before_after``) are pure functions on
+the long attention table (METHOD.md section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+STATUS = "status.json"
+METRICS = "metrics.parquet"
+EVAL = "eval.json"
+TRAJECTORIES = "trajectories.jsonl"
+ATTENTION = "attention.parquet"
+EVENTS = "attention_events.parquet"
+
+# Column -> dtype of the attention tables: readers check the names, empty frames use the dtypes.
+ATTENTION_COLUMNS: dict[str, str] = dict(
+    trajectory="str", token="int64", pos="int64", turn="int64", layer="int64", head="int64",
+    region="str", image="int64", origin="str", mass="float32",
+)  # fmt: skip
+EVENT_COLUMNS: dict[str, str] = dict(
+    trajectory="str", token="int64", tool="str", ok="bool", turn="int64"
+)  # fmt: skip
+_HAS = {"metrics": METRICS, "eval": EVAL, "attention": ATTENTION}
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+class RunDirError(ValueError):
+    """A run directory, or one of its files, is missing, corrupt or lacks a required field."""
+
+
+# Atomic writes
+
+
+@contextmanager
+def _atomic(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Yield a temp file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder, fsync, replace."""
+    with _atomic(Path(path), "w") as f:
+        f.write(text)
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (dataclasses, paths and numpy values allowed)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> None:
+    """Write ``df`` as parquet (pyarrow, index dropped) atomically."""
+    with _atomic(Path(path), "wb") as f:
+        df.to_parquet(f, engine="pyarrow", index=False)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _relook_version() -> str:
+    try:
+        return importlib.metadata.version("relook")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout
+        return "0.1.0+src"
+
+
+# Writers
+
+
+def _check_arm(arm: str) -> None:
+    if not _ARM_NAME.match(arm):
+        raise ValueError(f"bad arm name {arm!r}: use letters, digits and _ . = + - only")
+
+
+def create_run(
+    root: str | Path, grid: str, arms: Sequence[str], seeds: Sequence[int], versions: dict[str, str]
+) -> Path:
+    """Create (or reopen, to resume) a run directory and write its manifest with status "running".
+
+    Args:
+        root: the run folder, created if missing. An existing run directory of the same grid
+            is reopened to resume (arms and seeds merged, ``created`` kept, ``resumed`` set).
+        grid: name of the ablation grid. arms: e.g. ["full-s0", "tools_none-s0"].
+        seeds: the grid's seeds. versions: e.g. {"python": "3.12.3", "torch": "2.13.0"}.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        RunDirError: ``root`` is a file, a non-empty non-run folder, or a run of another grid.
+    """
+    root = Path(root)
+    for arm in arms:
+        _check_arm(arm)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"{root}: exists and is not a folder")
+    manifest = dict(
+        relook_version=_relook_version(), created=_now(), grid=grid, arms=list(arms),
+        seeds=[int(s) for s in seeds], versions=dict(versions), status="running",
+    )  # fmt: skip
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MANIFEST).is_file():
+            raise RunDirError(
+                f"{root}: folder is not empty and has no {MANIFEST}; refusing to write a run "
+                "directory into it (choose a new or empty folder)"
+            )
+        old = load_manifest(root)
+        if old.get("grid") != grid:
+            raise RunDirError(f"{root}: holds grid {old.get('grid')!r}, not {grid!r}")
+        manifest["created"] = old.get("created", manifest["created"])
+        manifest["resumed"] = _now()
+        manifest["arms"] = list(dict.fromkeys([*old.get("arms", []), *arms]))
+        manifest["seeds"] = sorted({*old.get("seeds", []), *manifest["seeds"]})
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / MANIFEST, manifest)
+    return root
+
+
+def _read_status(run: Path, arm: str) -> dict[str, Any]:
+    return _read_json(Path(run) / arm / STATUS)
+
+
+def start_arm(run: str | Path, arm: str, config: dict[str, Any] | Any) -> Path:
+    """Start (or restart) an arm: write ``config.json`` (a dict or dataclass) and a "running"
+    ``status.json``; add the arm to the manifest if missing. Returns the arm folder."""
+    run = Path(run)
+    _check_arm(arm)
+    manifest = load_manifest(run)
+    if arm not in manifest["arms"]:
+        manifest["arms"].append(arm)
+        atomic_write_json(run / MANIFEST, manifest)
+    folder = run / arm
+    folder.mkdir(exist_ok=True)
+    atomic_write_json(folder / CONFIG, config)
+    status = dict(status="running", started=_now(), finished=None, error=None, stage="start")
+    atomic_write_json(folder / STATUS, status)
+    return folder
+
+
+def set_arm_stage(run: str | Path, arm: str, stage: str) -> None:
+    """Record the stage an arm is in, e.g. "train", "eval", "attention"."""
+    status = _read_status(Path(run), arm)
+    status["stage"] = stage
+    atomic_write_json(Path(run) / arm / STATUS, status)
+
+
+def finish_arm(
+    run: str | Path, arm: str, status: str = "complete", error: str | None = None
+) -> None:
+    """Mark an arm "complete" or "failed" (with an error message) and stamp ``finished``."""
+    if status not in ("complete", "failed"):
+        raise ValueError(f"finish_arm: status must be 'complete' or 'failed', got {status!r}")
+    record = _read_status(Path(run), arm)
+    record.update(status=status, finished=_now(), error=error)
+    if status == "complete":
+        record["stage"] = "done"
+    atomic_write_json(Path(run) / arm / STATUS, record)
+
+
+def finish_run(run: str | Path) -> str:
+    """Set (and return) the manifest status: "complete" if every arm is, else "incomplete"."""
+    run = Path(run)
+    manifest = load_manifest(run)
+    arms = list_arms(run)
+    done = set(arms.loc[arms["status"] == "complete", "arm"])
+    manifest["status"] = "complete" if set(manifest["arms"]) <= done else "incomplete"
+    manifest["finished"] = _now()
+    atomic_write_json(run / MANIFEST, manifest)
+    return str(manifest["status"])
+
+
+def mark_interrupted(run: str | Path) -> list[str]:
+    """Flip every "running" arm to "failed" with error "interrupted"; manifest -> "incomplete".
+
+    For a ``KeyboardInterrupt``/exception handler: returns the flipped arms; never raises for a
+    corrupt status file (that arm is marked failed too); does nothing without a manifest.
+    """
+    run = Path(run)
+    try:
+        manifest = load_manifest(run)
+    except RunDirError:
+        return []
+    flipped = []
+    for arm in [a for a in manifest["arms"] if (run / a).is_dir()]:
+        try:
+            status = _read_status(run, arm)
+        except RunDirError:
+            status = {"status": "running", "started": None, "stage": "unknown"}
+        if status.get("status") == "running":
+            status.update(status="failed", finished=_now(), error="interrupted")
+            atomic_write_json(run / arm / STATUS, status)
+            flipped.append(arm)
+    manifest["status"] = "incomplete"
+    atomic_write_json(run / MANIFEST, manifest)
+    return flipped
+
+
+def write_metrics(run: str | Path, arm: str, metrics: pd.DataFrame | Sequence[dict]) -> None:
+    """Write an arm's whole metrics table atomically: one row per step, column "step" (int) and
+    float "namespace/name" columns, e.g. "rollout/reward_mean", "timing_s/step" (seconds)."""
+    df = pd.DataFrame(metrics)
+    _require(df, ["step"], Path(run) / arm / METRICS)
+    df = df.astype({"step": "int64"}).sort_values("step", kind="stable")
+    atomic_write_parquet(Path(run) / arm / METRICS, df.reset_index(drop=True))
+
+
+def write_eval(run: str | Path, arm: str, result: dict[str, Any]) -> None:
+    """Write ``eval.json``: split, n, accuracy, per_family, tool_call_rate, tool_calls, model."""
+    if "n" not in result or "accuracy" not in result:
+        raise RunDirError(f"{Path(run) / arm / EVAL}: missing required key 'n' or 'accuracy'")
+    atomic_write_json(Path(run) / arm / EVAL, result)
+
+
+def write_trajectories(run: str | Path, arm: str, records: Iterable[dict[str, Any]]) -> None:
+    """Write ``trajectories.jsonl``, one JSON object per line (at least id, family, reward)."""
+    lines = [json.dumps(r, default=_json_default) for r in records]
+    atomic_write_text(Path(run) / arm / TRAJECTORIES, "".join(line + "\n" for line in lines))
+
+
+def _write_table(path: Path, df: pd.DataFrame, columns: dict[str, str]) -> None:
+    _require(df, columns, path)
+    atomic_write_parquet(path, df.astype(columns))
+
+
+def write_attention(run: str | Path, arm: str, att: pd.DataFrame) -> None:
+    """Write ``attention.parquet`` (columns :data:`ATTENTION_COLUMNS`; mass stored float32)."""
+    _write_table(Path(run) / arm / ATTENTION, att, ATTENTION_COLUMNS)
+
+
+def write_attention_events(run: str | Path, arm: str, events: pd.DataFrame) -> None:
+    """Write ``attention_events.parquet`` (columns :data:`EVENT_COLUMNS`)."""
+    _write_table(Path(run) / arm / EVENTS, events, EVENT_COLUMNS)
+
+
+# Readers
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise RunDirError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: corrupt JSON ({e})") from e
+
+
+def _require(df: pd.DataFrame, columns: Iterable[str], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise RunDirError(f"{path}: missing required column(s) {missing}")
+
+
+def _empty(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def _read_parquet(path: Path, required: Iterable[str]) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(path, engine="pyarrow")
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
+        raise RunDirError(f"{path}: corrupt parquet ({type(e).__name__}: {e})") from e
+    _require(df, required, path)
+    return df
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Run directories directly inside ``root`` (e.g. ``runs/``), newest first by manifest mtime."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if (p / MANIFEST).is_file()]
+    return sorted(runs, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, reverse=True)
+
+
+def run_stamp(run: str | Path) -> int:
+    """Latest modification time (ns) of the manifest and any arm file: a cache key for the app."""
+    run = Path(run)
+    folders = [run, *[p for p in run.iterdir() if p.is_dir()]] if run.is_dir() else []
+    return max([0] + [f.stat().st_mtime_ns for d in folders for f in d.iterdir() if f.is_file()])
+
+
+def load_manifest(run: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json``. Raises RunDirError if the path does not exist, is not a run
+    directory (no manifest), the JSON is corrupt, or it lacks the "arms" list."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunDirError(f"{run}: " + ("not a folder" if run.exists() else "path does not exist"))
+    if not (run / MANIFEST).is_file():
+        raise RunDirError(f"{run}: no {MANIFEST}; not a relook run directory")
+    manifest = _read_json(run / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arms"), list):
+        raise RunDirError(f"{run / MANIFEST}: missing required key 'arms' (a list)")
+    return manifest
+
+
+def list_arms(run: str | Path) -> pd.DataFrame:
+    """One row per arm (manifest order, then other folders with a ``status.json``): its status
+    and which result files exist.
+
+    Returns:
+        Columns arm, status ("pending" for an arm not started), stage, started, finished,
+        error, has_metrics, has_eval, has_attention (bools).
+
+    Raises:
+        RunDirError: missing/corrupt manifest or a corrupt ``status.json``.
+    """
+    run = Path(run)
+    arms = list(load_manifest(run)["arms"])
+    extra = sorted(p.name for p in run.iterdir() if (p / STATUS).is_file() and p.name not in arms)
+    rows = []
+    for arm in arms + extra:
+        folder = run / arm
+        status = _read_status(run, arm) if (folder / STATUS).is_file() else {"status": "pending"}
+        row = {"arm": arm, "status": status.get("status", "unknown")}
+        row |= {k: status.get(k) for k in ("stage", "started", "finished", "error")}
+        row |= {f"has_{k}": (folder / f).is_file() for k, f in _HAS.items()}
+        rows.append(row)
+    columns = ["arm", "status", "stage", "started", "finished", "error"]
+    return pd.DataFrame(rows, columns=columns + [f"has_{k}" for k in _HAS])
+
+
+def _arm_names(run: Path, arms: Sequence[str] | None) -> list[str]:
+    return list(load_manifest(run)["arms"]) if arms is None else list(arms)
+
+
+def load_metrics(run: str | Path, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """All arms' per-step metrics concatenated (``arms``: default all; those without metrics
+    are skipped).
+
+    Returns:
+        Columns arm, step, then the union of metric columns (NaN where an arm did not log one),
+        sorted by arm, step; just arm, step if nothing is logged yet.
+
+    Raises:
+        RunDirError: a corrupt parquet or one without "step".
+    """
+    run = Path(run)
+    frames = []
+    for arm in _arm_names(run, arms):
+        path = run / arm / METRICS
+        if path.is_file():
+            frames.append(_read_parquet(path, ["step"]).assign(arm=arm))
+    if not frames:
+        return _empty({"arm": "str", "step": "int64"})
+    df = pd.concat(frames, ignore_index=True)
+    df = df[["arm", "step", *[c for c in df.columns if c not in ("arm", "step")]]]
+    return df.sort_values(["arm", "step"], kind="stable").reset_index(drop=True)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def load_eval(run: str | Path, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """Held-out evaluation results, one row per arm that has an ``eval.json``.
+
+    Nested dicts are flattened with "/": columns arm, split, n, accuracy, tool_call_rate,
+    tool_calls/reflect, tool_calls/confirm, per_family/{family}, model (fractions in [0, 1];
+    tool_calls are mean calls per sample).
+
+    Raises:
+        RunDirError: corrupt JSON, or a result without "n" or "accuracy".
+    """
+    run = Path(run)
+    rows = []
+    for arm in _arm_names(run, arms):
+        path = run / arm / EVAL
+        if not path.is_file():
+            continue
+        result = _read_json(path)
+        if not isinstance(result, dict) or "accuracy" not in result or "n" not in result:
+            raise RunDirError(f"{path}: missing required key(s) 'n' and/or 'accuracy'")
+        row: dict[str, Any] = {"arm": arm}
+        _flatten("", result, row)
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=["arm", "split", "n", "accuracy", "tool_call_rate", "model"])
+    return pd.DataFrame(rows)
+
+
+def _read_optional(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    return _read_parquet(path, columns) if path.is_file() else _empty(columns)
+
+
+def load_attention(run: str | Path, arm: str) -> pd.DataFrame:
+    """The long attention table of an arm (columns :data:`ATTENTION_COLUMNS`); empty if none yet.
+
+    Raises:
+        RunDirError: corrupt parquet or a missing required column.
+    """
+    return _read_optional(Path(run) / arm / ATTENTION, ATTENTION_COLUMNS)
+
+
+def load_attention_events(run: str | Path, arm: str) -> pd.DataFrame:
+    """Tool-call events of an arm (columns :data:`EVENT_COLUMNS`); empty frame if none yet.
+
+    Raises:
+        RunDirError: corrupt parquet or a missing required column.
+    """
+    return _read_optional(Path(run) / arm / EVENTS, EVENT_COLUMNS)
+
+
+def load_trajectories(run: str | Path, arm: str) -> list[dict[str, Any]]:
+    """The trajectory records of an arm; [] if none yet.
+
+    Raises:
+        RunDirError: a line that is not a JSON object (the message names the line number).
+    """
+    path = Path(run) / arm / TRAJECTORIES
+    if not path.is_file():
+        return []
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RunDirError(f"{path}: corrupt JSON on line {lineno} ({e})") from e
+            if not isinstance(record, dict):
+                raise RunDirError(f"{path}: line {lineno} is not a JSON object")
+            records.append(record)
+    return records
+
+
+# Attention analysis: pure functions on the long attention table (METHOD.md section 6)
+
+GROUPS = ("text", "tool_text", "image", "generated")
+_GROUP_OF = {"sink": "text", "system": "text", "user_text": "text", "image_wrap": "text"}
+_GROUP_OF |= {"tool_text": "tool_text", "generated": "generated", "self": "generated"}
+_ROW = ["trajectory", "token", "layer", "head"]  # one attention row: masses sum to 1
+
+
+def region_group(region: str) -> str:
+    """Figure-1 group of a key region: "text", "image", "generated" or "tool_text".
+
+    text = sink + system + user_text + image_wrap; image = every "image:{k}" (input and tool
+    images alike); generated = generated + self; tool_text is reported apart (METHOD.md 6).
+    The vision start/end wrapper tokens (``image_wrap``) carry no pixels, so they count as text.
+    Raises ValueError for an unknown region.
+    """
+    if region.startswith("image:"):
+        return "image"
+    if region not in _GROUP_OF:
+        raise ValueError(f"unknown attention region {region!r}")
+    return _GROUP_OF[region]
+
+
+def token_shares(att: pd.DataFrame, by: Sequence[str] = ("group",)) -> pd.DataFrame:
+    """Share of attention per trajectory, generated token and group, averaged over layers, heads.
+
+    share[traj, t, g] = mean_{layer, head} sum_{region in g} mass[traj, t, layer, head, region]
+
+    A group absent from a (layer, head) row counts as 0 in the mean. With ``by=("group",)``
+    every group of :data:`GROUPS` appears (0 where never attended), so shares sum to 1 per token.
+
+    Args:
+        att: long attention table (columns :data:`ATTENTION_COLUMNS`).
+        by: columns of ``att`` or "group" (:func:`region_group`): ("region",), ("group", "origin").
+
+    Returns:
+        Columns trajectory, token, *by, share (fraction of attention, in [0, 1]).
+    """
+    by = list(by)
+    if att.empty:
+        return pd.DataFrame(columns=["trajectory", "token", *by, "share"])
+    df = att[list(dict.fromkeys(_ROW + [c for c in by if c != "group"] + ["region"]))].copy()
+    df["mass"] = att["mass"].astype("float64")
+    if "group" in by:
+        df["group"] = df["region"].map({r: region_group(r) for r in df["region"].unique()})
+    summed = df.groupby(_ROW + by, sort=False, observed=True)["mass"].sum()
+    wide = summed.unstack(by, fill_value=0.0)
+    if by == ["group"]:
+        wide = wide.reindex(columns=list(GROUPS), fill_value=0.0)
+    mean = wide.groupby(level=["trajectory", "token"]).mean()
+    long = mean.stack(list(range(len(by)))).rename("share").reset_index()
+    return long.sort_values(["trajectory", "token", *by], kind="stable", ignore_index=True)
+
+
+def share_by_token(att: pd.DataFrame, by: Sequence[str] = ("group",)) -> pd.DataFrame:
+    """Mean over trajectories of :func:`token_shares`, per generated-token index.
+
+    share[t, g] = mean_{traj with token t} share[traj, t, g]
+
+    Returns:
+        Columns token, *by, share (mean), std (across trajectories, NaN for n = 1),
+        n (number of trajectories that reach token t).
+    """
+    per = token_shares(att, by)
+    if per.empty:
+        return pd.DataFrame(columns=["token", *by, "share", "std", "n"])
+    stats = per.groupby(["token", *by], observed=True)["share"]
+    return stats.agg(share="mean", std="std", n="count").reset_index()
+
+
+def image_share_curve(att: pd.DataFrame) -> pd.DataFrame:
+    """Image-attention share versus generated-token index (the decay curve).
+
+    image_share[t] = mean_traj mean_{layer, head} sum_k mass[traj, t, layer, head, "image:k"]
+
+    Returns:
+        Columns token, image_share (fraction), std, n (trajectories), sorted by token.
+    """
+    shares = share_by_token(att, ("group",))
+    curve = shares[shares["group"] == "image"].rename(columns={"share": "image_share"})
+    return curve[["token", "image_share", "std", "n"]].reset_index(drop=True)
+
+
+def before_after(att: pd.DataFrame, events: pd.DataFrame, window: int = 8) -> pd.DataFrame:
+    """Mean image share in the ``window`` tokens before versus after each tool call.
+
+    For an event at generated token e of trajectory j (first policy token after the tool
+    result): before = mean_{t in [e - window, e)} s[j, t], after = mean_{t in [e, e + window)}
+    s[j, t], with s the per-token image share of :func:`token_shares`; delta = after - before.
+    A window with no measured token gives NaN.
+
+    Args:
+        att: long attention table. events: columns :data:`EVENT_COLUMNS` (extra ones kept).
+        window: tokens per side, >= 1.
+
+    Returns:
+        The event columns plus before, after, delta (fractions), n_before, n_after (tokens).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    per = token_shares(att, ("group",))
+    image = per[per["group"] == "image"]
+    series = {j: g.set_index("token")["share"] for j, g in image.groupby("trajectory")}
+    empty = pd.Series(dtype="float64")
+    rows = []
+    for trajectory, e in zip(events["trajectory"], events["token"]):
+        s = series.get(trajectory, empty)
+        b = s[(s.index >= e - window) & (s.index < e)]
+        a = s[(s.index >= e) & (s.index < e + window)]
+        rows.append((b.mean(), a.mean(), len(b), len(a)))
+    cols = ["before", "after", "n_before", "n_after"]
+    out = pd.concat([events.reset_index(drop=True), pd.DataFrame(rows, columns=cols)], axis=1)
+    out.insert(out.columns.get_loc("after") + 1, "delta", out["after"] - out["before"])
+    return out

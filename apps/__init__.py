@@ -1,0 +1,1 @@
+"""relook apps package."""

@@ -1,0 +1,286 @@
+"""``python -m experiments.ablate``: train, evaluate and measure every arm of an ablation grid.
+
+For each arm (METHOD.md switches ``tools``, ``mask_tokens``, ``mask_trajectories``,
+``tool_gain``) and seed: GRPO training from the same base model, held-out evaluation on the
+offline test split, and attention replay of held-out trajectories; everything goes to a run
+directory (DESIGN.md decision 5) that the Streamlit app and the figure scripts read.
+
+Examples:
+    python -m experiments.ablate                         # default grid, tiny model, ~10 min on 2 cores
+    python -m experiments.ablate --grid smoke --out runs/smoke
+    python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from multiprocessing import get_context
+from pathlib import Path
+
+import tyro
+
+from experiments.grids import GRIDS, grid_arms
+from train.config import ArmConfig
+
+
+@dataclass
+class AblateArgs:
+    """Run an ablation grid.
+
+    Attributes:
+        grid: grid name (``default``: 4 arms x 24 steps; ``smoke``: the same arms, 2 steps).
+        out: run directory; default ``runs/ablate-<grid>-<time>`` (``runs/latest`` links to it).
+            An existing run directory of the same grid is resumed: complete arms are skipped.
+        model: base checkpoint directory (Qwen2.5-VL / Qwen2-VL) or hub id; empty builds a
+            random-weight tiny Qwen2.5-VL into ``<out>/base_model``.
+        seeds: seeds; each arm runs once per seed.
+        arms: subset of arms (default all of ``full tools_none masks_off gain0``).
+        steps: override the grid's GRPO steps (0 keeps them).
+        workers: arms trained in parallel processes (1 thread each; OFFLINE.md: two 1-thread
+            jobs beat one 2-thread job on this machine).
+        progress: show progress bars.
+    """
+
+    grid: str = "default"
+    out: Path | None = None
+    model: str = ""
+    seeds: tuple[int, ...] = (0,)
+    arms: tuple[str, ...] = ()
+    steps: int = 0
+    workers: int = 2
+    progress: bool = True
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import pandas
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_arm(
+    run: Path, cfg: ArmConfig, base_model: str, progress: bool = True, slot: int = 0
+) -> str:
+    """Train, evaluate and measure one arm; returns its final status ("complete" or "failed").
+
+    Exceptions are recorded in the arm's ``status.json`` (status "failed", the error message),
+    never left looking complete; ``KeyboardInterrupt`` propagates after marking the arm failed.
+    """
+    import torch
+
+    from analysis import rundir
+
+    torch.set_num_threads(1)
+    arm = cfg.name
+    rundir.start_arm(run, arm, {**asdict(cfg), "base_model": base_model})
+    try:
+        _run_arm_stages(run, cfg, base_model, progress)
+    except KeyboardInterrupt:
+        rundir.finish_arm(run, arm, "failed", "interrupted")
+        raise
+    except Exception as exc:  # recorded, the grid goes on with the next arm
+        rundir.finish_arm(
+            run, arm, "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+        )
+        return "failed"
+    rundir.finish_arm(run, arm, "complete")
+    return "complete"
+
+
+def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) -> None:
+    import torch
+
+    from agent.data.tasks import generate
+    from agent.evaluation import evaluate
+    from agent.modeling import load_policy
+    from agent.rollout import Agent
+    from analysis import rundir
+    from experiments.measure import measure
+    from experiments.trajectories import save_trajectories
+    from train.loop import make_generator, task_config, train
+
+    arm, folder = cfg.name, run / cfg.name
+    policy = load_policy(base_model)
+    rows: list[dict] = []
+
+    def on_step(row: dict) -> None:
+        rows.append(row)
+        rundir.write_metrics(run, arm, rows)
+
+    # Train
+    rundir.set_arm_stage(run, arm, "train")
+    train(cfg, policy, on_step=on_step, progress=progress)
+    policy.model.save_pretrained(folder / "model")
+    policy.tokenizer.save_pretrained(folder / "model")
+    policy.image_processor.save_pretrained(folder / "model")
+    # Evaluate on the held-out split (test backgrounds never seen in training)
+    rundir.set_arm_stage(run, arm, "eval")
+    test = generate("test", cfg.data.n_test, cfg.data.test_seed, task_config(cfg.data))
+    eval_agent = Agent(
+        policy.tokenizer, policy.image_processor, _with_temperature(cfg.agent, cfg.eval_temperature)
+    )
+    torch.manual_seed(cfg.grpo.seed)
+    summary, trajs = evaluate(eval_agent, make_generator(policy), test)
+    rundir.write_eval(
+        run,
+        arm,
+        {
+            "split": "test",
+            "model": str(folder / "model"),
+            "temperature": cfg.eval_temperature,
+            **summary,
+        },
+    )
+    # Measure attention by replay on held-out trajectories, those with tool calls first
+    rundir.set_arm_stage(run, arm, "attention")
+    order = sorted(
+        range(len(trajs)), key=lambda i: -len([e for e in trajs[i].events if e.kind == "tool_call"])
+    )
+    chosen = order[: cfg.measure.n_trajectories]
+    ids = [f"{trajs[i].sample_id}/g{trajs[i].group}" for i in chosen]
+    save_trajectories(run, arm, trajs, with_images=set(chosen))
+    if chosen:
+        att, events = measure(policy, [trajs[i] for i in chosen], ids, chunk=cfg.measure.chunk)
+        rundir.write_attention(run, arm, att)
+        rundir.write_attention_events(run, arm, events)
+
+
+def _with_temperature(agent_cfg, temperature: float):
+    from dataclasses import replace
+
+    return replace(agent_cfg, temperature=temperature)
+
+
+def _base_model(run: Path, model: str) -> str:
+    """The base checkpoint every arm starts from; builds the random-weight tiny model if none."""
+    if model:
+        from agent.modeling import load_policy
+
+        load_policy(model)  # fail early, naming the directory, before any arm starts
+        return model
+    base = run / "base_model"
+    if not (base / "config.json").is_file():
+        from agent.modeling import build_tiny_model
+
+        print(
+            "No --model given: building a RANDOM-WEIGHT tiny Qwen2.5-VL (the curves are those of an untrained model)."
+        )
+        build_tiny_model(base, seed=0)
+    return str(base)
+
+
+def summary_table(run: Path) -> str:
+    """A text table of every arm: status, final reward, held-out accuracy, tool use, attention."""
+    import pandas as pd
+
+    from analysis import rundir
+
+    arms = rundir.list_arms(run)
+    metrics = rundir.load_metrics(run)
+    evals = rundir.load_eval(run)
+    rows = []
+    for arm in arms["arm"]:
+        m = metrics[metrics["arm"] == arm] if len(metrics) else metrics
+        e = evals[evals["arm"] == arm] if len(evals) else evals
+        att = rundir.load_attention(run, arm)
+        ev = rundir.load_attention_events(run, arm)
+        ba = rundir.before_after(att, ev) if len(att) and len(ev) else pd.DataFrame()
+        curve = rundir.image_share_curve(att) if len(att) else pd.DataFrame()
+        rows.append(
+            {
+                "arm": arm,
+                "status": arms.loc[arms["arm"] == arm, "status"].iloc[0],
+                "reward(last3)": m["rollout/reward_mean"].tail(3).mean()
+                if len(m)
+                else float("nan"),
+                "test_acc": e["accuracy"].iloc[0] if len(e) else float("nan"),
+                "tool_call_rate": e["tool_call_rate"].iloc[0]
+                if len(e) and "tool_call_rate" in e
+                else float("nan"),
+                "image_share": curve["image_share"].mean() if len(curve) else float("nan"),
+                "img_before": ba["before"].mean() if len(ba) else float("nan"),
+                "img_after": ba["after"].mean() if len(ba) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def main(args: AblateArgs) -> Path:
+    """Run the grid; returns the run directory."""
+    from analysis import rundir
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    configs = grid_arms(args.grid, args.seeds, args.arms, args.model, args.steps)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(args.out) if args.out else Path("runs") / f"ablate-{args.grid}-{stamp}"
+    run = rundir.create_run(
+        run, args.grid, [c.name for c in configs], list(args.seeds), _versions()
+    )
+    _link_latest(run)
+    t0 = time.perf_counter()
+    try:
+        base = _base_model(run, args.model)
+        done = set(rundir.list_arms(run).query("status == 'complete'")["arm"])
+        todo = [c for c in configs if c.name not in done]
+        if done:
+            print(f"resuming {run}: skipping complete arms {sorted(done)}")
+        _run_all(run, todo, base, args)
+    except KeyboardInterrupt:
+        flipped = rundir.mark_interrupted(run)
+        print(f"\ninterrupted: {run} marked incomplete (arms {flipped})", file=sys.stderr)
+        raise SystemExit(130) from None
+    status = rundir.finish_run(run)
+    print(f"\nrun directory: {run}  (status: {status}, {time.perf_counter() - t0:.0f} s)")
+    print(summary_table(run))
+    print(f"\nopen it: streamlit run apps/relook_app.py -- --run {run}")
+    return run
+
+
+def _run_all(run: Path, todo: list[ArmConfig], base: str, args: AblateArgs) -> None:
+    from tqdm.auto import tqdm
+
+    if args.workers <= 1 or len(todo) <= 1:
+        for cfg in tqdm(todo, desc="arms", disable=not args.progress):
+            run_arm(run, cfg, base, args.progress)
+        return
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_arm, run, cfg, base, False): cfg.name for cfg in todo}
+        for fut in tqdm(
+            as_completed(futures), total=len(futures), desc="arms", disable=not args.progress
+        ):
+            tqdm.write(f"  {futures[fut]}: {fut.result()}")
+
+
+def _link_latest(run: Path) -> None:
+    latest = run.parent / "latest"
+    try:
+        if latest.is_symlink() or not latest.exists():
+            tmp = run.parent / f".latest-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(run.name)
+            os.replace(tmp, latest)
+    except OSError:
+        pass  # a link is a convenience only
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--list-grids"]:
+        print("\n".join(GRIDS))
+    else:
+        main(tyro.cli(AblateArgs))

@@ -1,0 +1,75 @@
+"""Ablation grids: named lists of arms (METHOD.md 3-5 switches), each a full :class:`ArmConfig`.
+
+The default grid has four arms per seed: ``full`` (tools both, both masks, gain 0.5),
+``tools_none`` (no tools, single turn), ``masks_off`` (neither mask) and ``gain0`` (no tool-use
+reward gain). ``smoke`` runs the same arms for 2 steps on a handful of questions (CI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from agent.rollout import AgentConfig
+from train.config import ArmConfig, DataConfig, GRPOConfig, MeasureConfig
+
+ARM_SWITCHES = {
+    "full": {},
+    "tools_none": {"tools": "none"},
+    "masks_off": {"mask_tokens": False, "mask_trajectories": False},
+    "gain0": {"tool_gain": 0.0},
+}
+
+GRIDS = {
+    # ~3 minutes per arm on 2 CPU cores with the tiny model
+    "default": dict(
+        grpo=GRPOConfig(steps=24, prompts_per_step=4, group_size=4, mini_batches=2, lr=5e-4),
+        data=DataConfig(n_test=32),
+        measure=MeasureConfig(n_trajectories=6),
+        agent=AgentConfig(max_new_tokens=40, max_turns=4),
+    ),
+    # the same arms, 2 steps, tiny eval: CI and a first look (< 3 minutes for all arms)
+    "smoke": dict(
+        grpo=GRPOConfig(steps=2, prompts_per_step=2, group_size=2, mini_batches=1, lr=5e-4),
+        data=DataConfig(n_test=4),
+        measure=MeasureConfig(n_trajectories=2),
+        agent=AgentConfig(max_new_tokens=24, max_turns=3),
+    ),
+}
+
+
+def arm_config(base: dict, arm: str, seed: int, model: str = "") -> ArmConfig:
+    """The :class:`ArmConfig` of arm ``arm`` (a key of :data:`ARM_SWITCHES`) at ``seed``.
+
+    Raises:
+        ValueError: unknown arm name.
+    """
+    if arm not in ARM_SWITCHES:
+        raise ValueError(f"unknown arm {arm!r}; known: {sorted(ARM_SWITCHES)}")
+    sw = ARM_SWITCHES[arm]
+    agent = replace(base["agent"], **{k: v for k, v in sw.items() if k == "tools"})
+    grpo = replace(base["grpo"], seed=seed, **{k: v for k, v in sw.items() if k != "tools"})
+    return ArmConfig(
+        name=f"{arm}-s{seed}",
+        model=model,
+        agent=agent,
+        grpo=grpo,
+        data=base["data"],
+        measure=base["measure"],
+    )
+
+
+def grid_arms(
+    grid: str, seeds: tuple[int, ...], arms: tuple[str, ...] = (), model: str = "", steps: int = 0
+) -> list[ArmConfig]:
+    """All arm configs of ``grid`` for ``seeds`` (optionally only ``arms``, or ``steps`` overridden).
+
+    Raises:
+        ValueError: unknown grid or arm names.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; known: {sorted(GRIDS)}")
+    base = dict(GRIDS[grid])
+    if steps:
+        base["grpo"] = replace(base["grpo"], steps=steps)
+    names = arms or tuple(ARM_SWITCHES)
+    return [arm_config(base, a, s, model) for s in seeds for a in names]

@@ -1,0 +1,129 @@
+"""``experiments.ablate`` end to end on the smoke grid; failures and interruptions; bad models."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from analysis import rundir
+from experiments import ablate
+from experiments.grids import ARM_SWITCHES, grid_arms
+
+
+def _args(out, **kw):
+    return ablate.AblateArgs(**{"grid": "smoke", "out": out, "workers": 1, "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    return ablate.main(_args(out, model=str(tiny_dir)))
+
+
+def test_smoke_grid_writes_a_complete_run_directory(smoke_run):
+    manifest = rundir.load_manifest(smoke_run)
+    assert manifest["status"] == "complete" and manifest["grid"] == "smoke"
+    arms = rundir.list_arms(smoke_run)
+    assert (
+        set(arms["arm"]) == {f"{a}-s0" for a in ARM_SWITCHES}
+        and (arms["status"] == "complete").all()
+    )
+    metrics = rundir.load_metrics(smoke_run)
+    assert metrics.groupby("arm")["step"].max().eq(1).all()
+    for col in (
+        "rollout/reward_mean",
+        "mask/trajectory_frac",
+        "actor/clipfrac",
+        "actor/kl",
+        "timing_s/gen",
+        "rollout/tool_calls_confirm",
+    ):
+        assert col in metrics and metrics[col].notna().all()
+    ev = rundir.load_eval(smoke_run)
+    assert ev["n"].eq(4).all() and ev["accuracy"].between(0, 1).all()
+    att = rundir.load_attention(smoke_run, "full-s0")
+    sums = att.groupby(["trajectory", "token", "layer", "head"])["mass"].sum()
+    assert len(att) and sums.sub(1).abs().max() < 1e-5
+    config = json.loads((smoke_run / "tools_none-s0" / "config.json").read_text())
+    assert config["agent"]["tools"] == "none" and config["grpo"]["steps"] == 2
+    trajs = rundir.load_trajectories(smoke_run, "full-s0")
+    assert len(trajs) == 4 and {"token_ids", "response_mask", "events", "flags"} <= set(trajs[0])
+    assert (smoke_run / "full-s0" / "model" / "config.json").is_file()
+    table = ablate.summary_table(smoke_run)
+    assert "full-s0" in table and "test_acc" in table
+
+
+def test_resume_skips_complete_arms(smoke_run, tiny_dir, capsys):
+    before = rundir.load_metrics(smoke_run)
+    ablate.main(_args(smoke_run, model=str(tiny_dir)))
+    assert "skipping complete arms" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(before, rundir.load_metrics(smoke_run))
+
+
+def test_failing_arm_is_marked_failed_not_complete(tmp_path, tiny_dir, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("stage exploded")
+
+    monkeypatch.setattr("train.loop.train", boom)
+    run = ablate.main(_args(tmp_path / "r", model=str(tiny_dir), arms=("full",)))
+    status = json.loads((run / "full-s0" / "status.json").read_text())
+    assert status["status"] == "failed" and "stage exploded" in status["error"]
+    assert rundir.load_manifest(run)["status"] == "incomplete"
+
+
+def test_interrupt_marks_run_incomplete(tmp_path, tiny_dir, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("train.loop.train", interrupt)
+    with pytest.raises(SystemExit):
+        ablate.main(_args(tmp_path / "r", model=str(tiny_dir), arms=("full",)))
+    status = json.loads((tmp_path / "r" / "full-s0" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "interrupted"
+    assert rundir.load_manifest(tmp_path / "r")["status"] == "incomplete"
+
+
+def test_bad_model_directories_fail_early_with_the_path(tmp_path, tiny_dir):
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nowhere"):
+        ablate.main(_args(tmp_path / "a", model=str(tmp_path / "nowhere")))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read model config in .*broken"):
+        ablate.main(_args(tmp_path / "b", model=str(broken)))
+    nocfg = tmp_path / "empty"
+    nocfg.mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        ablate.main(_args(tmp_path / "c", model=str(nocfg)))
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text((tiny_dir / "config.json").read_text())
+    with pytest.raises(
+        ValueError, match="cannot load the weights from model directory .*noweights"
+    ):
+        ablate.main(_args(tmp_path / "d", model=str(noweights)))
+
+
+def test_grid_switches_change_the_configs():
+    arms = {c.name.split("-")[0]: c for c in grid_arms("default", (0, 1))}
+    assert arms["tools_none"].agent.tools == "none" and arms["full"].agent.tools == "both"
+    assert not arms["masks_off"].grpo.mask_tokens and not arms["masks_off"].grpo.mask_trajectories
+    assert arms["gain0"].grpo.tool_gain == 0.0 and arms["full"].grpo.tool_gain == 0.5
+    assert len(grid_arms("default", (0, 1))) == 8
+    with pytest.raises(ValueError, match="unknown grid"):
+        grid_arms("huge", (0,))
+
+
+def test_evaluate_cli_writes_summary(tmp_path, tiny_dir):
+    from experiments import evaluate
+
+    out = tmp_path / "eval.json"
+    res = evaluate.main(evaluate.EvaluateArgs(model=str(tiny_dir), out=out, n=5))
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 5 and 0 <= saved["accuracy"] <= 1 and saved == json.loads(json.dumps(res))
+    assert set(saved["per_family"]) == {"find", "count", "read", "compare", "odd"}
+    assert {"tool_call_rate", "tool_calls", "answer_rate"} <= set(saved)
+    with pytest.raises(ValueError, match="--split"):
+        evaluate.main(evaluate.EvaluateArgs(model=str(tiny_dir), out=out, split="val"))

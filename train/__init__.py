@@ -1,0 +1,1 @@
+"""relook train package."""

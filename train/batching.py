@@ -1,0 +1,54 @@
+"""From trajectories to per-token tensors: loss weights, log-probs (DESIGN.md data flow).
+
+Trajectories have different images, so each is one micro-batch (batch 1) through the model;
+the token-mean normaliser is the global count of weighted tokens of the mini-batch, so the
+accumulated gradient equals that of one big batch (checked in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agent.reward import mask_reasons
+from agent.trajectory import Trajectory
+
+
+def loss_weights(traj: Trajectory, mask_tokens: bool, mask_trajectories: bool) -> torch.Tensor:
+    """Per-position loss weight of ``traj`` under the two-level mask (METHOD.md 4).
+
+    Level 1 (``mask_tokens``): weight 1 only where ``response_mask`` is 1 (tokens the policy
+    sampled); with it off, every position after the prompt (observation text and tool images
+    included) has weight 1. Level 2 (``mask_trajectories``): all zeros if the trajectory was
+    truncated, has a void turn, a failed call or went over the image budget.
+
+    Returns:
+        ``[pos]`` float32 weights, aligned with ``traj.token_ids`` (position 0 always 0).
+    """
+    n = len(traj.token_ids)
+    if mask_tokens:
+        w = torch.tensor(traj.response_mask, dtype=torch.float32)
+    else:
+        w = torch.zeros(n)
+        w[traj.prompt_len :] = 1.0
+    if mask_trajectories and mask_reasons(traj.flags):
+        w.zero_()
+    w[0] = 0.0  # position 0 has no prediction
+    return w
+
+
+def token_log_probs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-prob (nats) of every token given its prefix, by one teacher-forced forward.
+
+    Args:
+        model: a Qwen-VL ``ForConditionalGeneration``.
+        inputs: :meth:`Trajectory.model_inputs` (batch 1).
+
+    Returns:
+        ``[pos]`` float32; entry ``t`` is ``log p(x_t | x_<t)``, entry 0 is 0. Full softmax over
+        the vocabulary (the rollout's sampling suppression of vision tokens is not applied; the
+        gap is measured as ``rollout/logprob_gap``).
+    """
+    logits = model(**inputs, use_cache=False).logits[0, :-1].float()
+    ids = inputs["input_ids"][0, 1:]
+    lp = logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return torch.cat([lp.new_zeros(1), lp])

@@ -1,0 +1,159 @@
+"""The config tree: one typed dataclass per concern, every ablation switch a field (DESIGN.md 6).
+
+After TRL's ``GRPOConfig``: each field documented once with its unit and source; impossible
+combinations rejected in ``__post_init__`` with a message naming the field and value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.rollout import AgentConfig
+from train.core_algos import LOSS_AGG, SCALE_REWARDS
+
+REWARD_FORMS = ("imagent", "deepeyes")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO optimisation, masks and reward (METHOD.md 3-5).
+
+    Attributes:
+        steps: policy-update steps (one rollout batch each).
+        prompts_per_step: prompts (GRPO groups) per step.
+        group_size: G, trajectories sampled per prompt (METHOD.md default 8).
+        mini_batches: optimizer steps per rollout batch; >1 makes later mini-batches
+            off-policy, which is where the clip acts.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        max_grad_norm: gradient-norm clip (L2).
+        clip_eps_low: lower clip ``1 - eps_low`` of the ratio (PPO, 0.2).
+        clip_eps_high: upper clip ``1 + eps_high`` (clip-higher, DAPO; 0.28).
+        beta: k3 KL coefficient to a frozen reference (0: no reference model is kept).
+        scale_rewards: advantage scaling: ``group`` (GRPO), ``batch``, ``none`` (Dr. GRPO).
+        loss_agg: ``token-mean`` or ``seq-mean-token-mean``.
+        tis_cap: truncated importance-sampling cap for the engine/trainer mismatch (0: off).
+        mask_tokens: level-1 mask: weight only policy-sampled tokens (off: every token after
+            the prompt, environment text and tool images included).
+        mask_trajectories: level-2 mask: zero weight for truncated, void-turn, failed-call and
+            over-budget trajectories.
+        tool_gain: reward gain g for successful tool use (0 turns the gain off).
+        reward_form: ``imagent`` (``acc * (1 + g * used) + 0.2 * fmt``) or ``deepeyes``.
+        seed: seed of sampling, data order and initialisation of the trainer state.
+    """
+
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 4
+    mini_batches: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    max_grad_norm: float = 1.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    beta: float = 0.0
+    scale_rewards: str = "group"
+    loss_agg: str = "token-mean"
+    tis_cap: float = 0.0
+    mask_tokens: bool = True
+    mask_trajectories: bool = True
+    tool_gain: float = 0.5
+    reward_form: str = "imagent"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(
+                f"GRPOConfig.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}"
+            )
+        if self.loss_agg not in LOSS_AGG:
+            raise ValueError(
+                f"GRPOConfig.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}"
+            )
+        if self.reward_form not in REWARD_FORMS:
+            raise ValueError(
+                f"GRPOConfig.reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}"
+            )
+        for name in ("steps", "prompts_per_step", "group_size", "mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"GRPOConfig.group_size must be >= 2 for group advantages, got {self.group_size}"
+            )
+        if self.mini_batches > self.prompts_per_step * self.group_size:
+            raise ValueError(
+                f"GRPOConfig.mini_batches={self.mini_batches} exceeds the batch of "
+                f"{self.prompts_per_step * self.group_size} trajectories"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"GRPOConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.clip_eps_low < 1 or self.clip_eps_high < 0:
+            raise ValueError(
+                f"GRPOConfig clip range invalid: low={self.clip_eps_low}, high={self.clip_eps_high}"
+            )
+        if self.beta < 0 or self.tis_cap < 0 or self.tool_gain < 0:
+            raise ValueError("GRPOConfig.beta, tis_cap and tool_gain must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The offline multi-image task set (METHOD.md 7).
+
+    Attributes:
+        families: task families (empty: all).
+        n_images: inclusive range of images per question.
+        image_size: ``(width, height)`` in pixels of each generated image.
+        difficulty: 0 (large, high-contrast targets) .. 1 (small, blended).
+        train_seed: seed of the training stream (sample i of step s is index s*P + i).
+        test_seed: seed of the held-out split (test backgrounds are never used in training).
+        n_test: held-out questions evaluated per arm.
+    """
+
+    families: tuple[str, ...] = ()
+    n_images: tuple[int, int] = (2, 4)
+    image_size: tuple[int, int] = (224, 224)
+    difficulty: float = 0.5
+    train_seed: int = 0
+    test_seed: int = 1
+    n_test: int = 40
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Attention measurement by replay after training (METHOD.md 6).
+
+    Attributes:
+        n_trajectories: held-out trajectories replayed per arm (0: skip).
+        chunk: query rows per chunk of the streaming reduction.
+        window: tokens before/after a tool call in the before/after summary.
+    """
+
+    n_trajectories: int = 8
+    chunk: int = 256
+    window: int = 8
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of an ablation grid: model, agent, GRPO, data and measurement.
+
+    Attributes:
+        name: arm name (directory name in the run directory).
+        model: checkpoint directory (or hub id); ``""`` builds a random-weight tiny Qwen2.5-VL.
+        agent: agent behaviour, including the ``tools`` switch.
+        grpo: optimisation, the mask switches and the tool gain.
+        data: task generator settings.
+        measure: attention replay settings.
+        eval_temperature: sampling temperature for held-out evaluation (0 = greedy).
+    """
+
+    name: str = "full"
+    model: str = ""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    eval_temperature: float = 0.0

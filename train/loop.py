@@ -1,0 +1,228 @@
+"""The GRPO loop for the reflect/confirm agent (METHOD.md 3-5), CPU-first, torch optimizer.
+
+Reads top to bottom like CleanRL's ``ppo.py``: ``# Rollout``, ``# Advantages``, ``# Old
+log-probs``, ``# Policy update``, ``# Metrics``. I/O stays with the caller (``on_step``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+from agent.data.tasks import TaskConfig, generate_one
+from agent.modeling import Policy
+from agent.rollout import Agent, Generator, HFGenerator, rollout
+from train.batching import loss_weights, token_log_probs
+from train.config import ArmConfig, DataConfig
+from train.core_algos import (
+    agg_loss,
+    clipped_policy_loss,
+    group_advantages,
+    kl_k3,
+    truncated_is_weights,
+)
+from train.metrics import rollout_metrics
+
+
+def task_config(data: DataConfig) -> TaskConfig:
+    """The generator's :class:`TaskConfig` for a :class:`DataConfig`."""
+    kwargs = dict(n_images=data.n_images, image_size=data.image_size, difficulty=data.difficulty)
+    if data.families:
+        kwargs["families"] = data.families
+    return TaskConfig(**kwargs)
+
+
+def make_generator(policy: Policy) -> HFGenerator:
+    """The transformers ``generate`` rollout backend for ``policy``."""
+    tok = policy.tokenizer
+    return HFGenerator(
+        policy.model,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        suppress_ids=policy.vision_token_ids,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+    )
+
+
+def train(
+    cfg: ArmConfig,
+    policy: Policy,
+    on_step: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    generator: Generator | None = None,
+) -> list[dict]:
+    """Train ``policy`` in place with GRPO for ``cfg.grpo.steps`` steps.
+
+    Args:
+        cfg: the arm's config (agent tools switch, GRPO + mask switches + tool gain, data).
+        policy: the loaded policy; its model's parameters are updated in place.
+        on_step: called with each step's metrics row (``step`` + ``namespace/name`` floats),
+            e.g. to append it to the run directory at once.
+        progress: show a tqdm bar.
+        generator: the rollout backend (default: transformers ``generate`` on ``policy.model``).
+
+    Returns:
+        The list of metric rows.
+    """
+    g = cfg.grpo
+    torch.manual_seed(g.seed)
+    model = policy.model
+    agent = Agent(policy.tokenizer, policy.image_processor, cfg.agent)
+    generator = generator or make_generator(policy)
+    image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
+    updates = g.steps * g.mini_batches
+    warm = max(1, g.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min(1.0, (u + 1) / warm) * (1.0 - 0.9 * u / updates)
+    )
+    ref_model = copy.deepcopy(model).eval() if g.beta > 0 else None
+    tasks = task_config(cfg.data)
+    shuffle = torch.Generator().manual_seed(g.seed)
+    rows = []
+    for step in trange(g.steps, desc=f"train {cfg.name}", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        # Rollout
+        samples = [
+            generate_one("train", step * g.prompts_per_step + i, cfg.data.train_seed, tasks)
+            for i in range(g.prompts_per_step)
+        ]
+        model.eval()
+        trajs = rollout(agent, generator, samples, g.group_size, g.tool_gain, g.reward_form)
+        t_gen = time.perf_counter()
+        # Advantages (every trajectory of a group shapes its baseline, masked ones included)
+        rewards = torch.tensor([t.reward for t in trajs])
+        advantages = group_advantages(
+            rewards, torch.tensor([t.group for t in trajs]), g.scale_rewards
+        )
+        weights = [loss_weights(t, g.mask_tokens, g.mask_trajectories) for t in trajs]
+        inputs = [t.model_inputs(image_token_id) for t in trajs]
+        # Old log-probs: the trainer's, so the first mini-batch has ratio exactly 1
+        with torch.no_grad():
+            old_lp = [token_log_probs(model, x) for x in inputs]
+            ref_lp = (
+                [token_log_probs(ref_model, x) for x in inputs] if ref_model is not None else None
+            )
+        gap = _logprob_gap(trajs, old_lp)
+        t_old = time.perf_counter()
+        # Policy update
+        stats = _update(
+            model,
+            optimizer,
+            scheduler,
+            params,
+            g,
+            trajs,
+            inputs,
+            weights,
+            advantages,
+            old_lp,
+            ref_lp,
+            shuffle,
+        )
+        t_upd = time.perf_counter()
+        # Metrics
+        row = {"step": step, **rollout_metrics(trajs, weights), **stats}
+        row.update(
+            {
+                "rollout/advantage_abs_mean": float(advantages.abs().mean()),
+                "rollout/logprob_gap": gap,
+                "actor/lr": scheduler.get_last_lr()[0],
+                "timing_s/gen": t_gen - t0,
+                "timing_s/old_logp": t_old - t_gen,
+                "timing_s/update": t_upd - t_old,
+                "timing_s/step": t_upd - t0,
+            }
+        )
+        rows.append(row)
+        if on_step is not None:
+            on_step(row)
+    model.eval()
+    return rows
+
+
+def _logprob_gap(trajs, old_lp) -> float:
+    """Mean |rollout - trainer| log-prob (nats) over sampled tokens."""
+    diffs = []
+    for t, lp in zip(trajs, old_lp):
+        m = torch.tensor(t.response_mask, dtype=torch.bool)
+        diffs.append((torch.tensor(t.rollout_log_probs)[m] - lp[m]).abs())
+    d = torch.cat(diffs)
+    return float(d.mean()) if d.numel() else 0.0
+
+
+def _update(
+    model,
+    optimizer,
+    scheduler,
+    params,
+    g,
+    trajs,
+    inputs,
+    weights,
+    advantages,
+    old_lp,
+    ref_lp,
+    shuffle,
+) -> dict:
+    """``g.mini_batches`` optimizer steps over a shuffled split of the batch; returns ``actor/*``."""
+    model.train()
+    order = torch.randperm(len(trajs), generator=shuffle).tolist()
+    chunks = [c.tolist() for c in torch.tensor(order).chunk(g.mini_batches)]
+    logs: dict[str, list[float]] = {
+        k: [] for k in ("pg_loss", "clipfrac", "approx_kl", "kl", "grad_norm", "ratio_mean")
+    }
+    for chunk in chunks:
+        n_tokens = float(sum(weights[i].sum() for i in chunk))
+        if n_tokens == 0:
+            continue  # everything masked: no gradient this mini-batch
+        optimizer.zero_grad(set_to_none=True)
+        for i in chunk:
+            lp = token_log_probs(model, inputs[i])[None]
+            w = weights[i][None]
+            isw = (
+                truncated_is_weights(
+                    old_lp[i], torch.tensor(trajs[i].rollout_log_probs), g.tis_cap
+                )[None]
+                if g.tis_cap > 0
+                else None
+            )
+            loss, st = clipped_policy_loss(
+                lp,
+                old_lp[i][None],
+                advantages[i : i + 1],
+                w,
+                g.clip_eps_low,
+                g.clip_eps_high,
+                g.loss_agg,
+                n_tokens,
+                isw,
+            )
+            if g.loss_agg == "seq-mean-token-mean":
+                loss = loss / len(chunk)
+            kl = (
+                agg_loss(kl_k3(lp, ref_lp[i][None]), w, "token-mean", n_tokens)
+                if ref_lp is not None
+                else None
+            )
+            (loss + g.beta * kl if kl is not None else loss).backward()
+            share = float(w.sum()) / n_tokens
+            logs["pg_loss"].append(float(loss.detach()))
+            logs["clipfrac"].append(float(st["clipfrac"]) * share)
+            logs["approx_kl"].append(float(st["approx_kl"]) * share)
+            logs["ratio_mean"].append(float(st["ratio_mean"]) * share)
+            logs["kl"].append(float(kl) if kl is not None else 0.0)
+        logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)))
+        optimizer.step()
+        scheduler.step()
+    n_updates = max(1, len(logs["grad_norm"]))
+    out = {f"actor/{k}": float(np.sum(v)) / n_updates for k, v in logs.items() if k != "grad_norm"}
+    out["actor/grad_norm"] = float(np.mean(logs["grad_norm"])) if logs["grad_norm"] else 0.0
+    out["actor/updates"] = float(len(logs["grad_norm"]))
+    return out

@@ -1,0 +1,47 @@
+"""Per-step metrics of a GRPO batch, keyed ``namespace/name`` (STYLE.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agent.reward import mask_reasons
+from agent.trajectory import Trajectory
+
+
+def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dict[str, float]:
+    """Reward, accuracy, tool use, lengths and masked fractions of one rollout batch.
+
+    Args:
+        trajs: the batch's trajectories.
+        weights: their ``[pos]`` loss weights (:func:`train.batching.loss_weights`).
+
+    Returns:
+        ``rollout/*`` (means per trajectory; tool calls are successful calls per trajectory,
+        failed calls counted apart), ``mask/token_frac`` (weighted share of the tokens after the
+        prompt), ``mask/trajectory_frac`` (share of trajectories with zero weight) and
+        ``mask/{truncated,void_turn,failed_call,over_budget}`` (share flagged).
+    """
+    calls = [t.n_tool_calls for t in trajs]
+    after_prompt = sum(len(t.token_ids) - t.prompt_len for t in trajs)
+    out = {
+        "rollout/reward_mean": float(np.mean([t.reward for t in trajs])),
+        "rollout/reward_std": float(np.std([t.reward for t in trajs])),
+        "rollout/acc_mean": float(np.mean([t.acc for t in trajs])),
+        "rollout/fmt_mean": float(np.mean([t.fmt for t in trajs])),
+        "rollout/answer_frac": float(np.mean([t.answer is not None for t in trajs])),
+        "rollout/tool_used_frac": float(np.mean([t.used for t in trajs])),
+        "rollout/tool_calls_reflect": float(np.mean([c["reflect"] for c in calls])),
+        "rollout/tool_calls_confirm": float(np.mean([c["confirm"] for c in calls])),
+        "rollout/tool_calls_failed": float(
+            np.mean([sum(e.kind == "tool_call" and not e.ok for e in t.events) for t in trajs])
+        ),
+        "rollout/turns": float(np.mean([len(t.events) for t in trajs])),
+        "rollout/response_length": float(np.mean([t.response_length for t in trajs])),
+        "rollout/images": float(np.mean([len(t.images) for t in trajs])),
+        "mask/token_frac": float(sum(w.sum().item() for w in weights) / max(after_prompt, 1)),
+        "mask/trajectory_frac": float(np.mean([w.sum().item() == 0 for w in weights])),
+    }
+    for flag in ("truncated", "void_turn", "failed_call", "over_budget"):
+        out[f"mask/{flag}"] = float(np.mean([flag in mask_reasons(t.flags) for t in trajs]))
+    return out
