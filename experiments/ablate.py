@@ -26,6 +26,7 @@ from pathlib import Path
 
 import tyro
 
+from analysis.rundir import atomic_write_json
 from experiments.grids import GRIDS, grid_arms
 from train.config import ArmConfig
 
@@ -35,13 +36,13 @@ class AblateArgs:
     """Run an ablation grid.
 
     Attributes:
-        grid: grid name (``default``: 4 arms x 24 steps; ``smoke``: the same arms, 2 steps).
+        grid: grid name (``default``: base + 4 arms x 40 steps; ``smoke``: the same arms, 2 steps).
         out: run directory; default ``runs/ablate-<grid>-<time>`` (``runs/latest`` links to it).
             An existing run directory of the same grid is resumed: complete arms are skipped.
         model: base checkpoint directory (Qwen2.5-VL / Qwen2-VL) or hub id; empty builds a
             random-weight tiny Qwen2.5-VL into ``<out>/base_model``.
         seeds: seeds; each arm runs once per seed.
-        arms: subset of arms (default all of ``full tools_none masks_off gain0``).
+        arms: subset of arms (default all of ``base full tools_none masks_off gain0``).
         steps: override the grid's GRPO steps (0 keeps them).
         workers: arms trained in parallel processes (1 thread each; OFFLINE.md: two 1-thread
             jobs beat one 2-thread job on this machine).
@@ -136,27 +137,34 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
         policy.tokenizer, policy.image_processor, _with_temperature(cfg.agent, cfg.eval_temperature)
     )
     torch.manual_seed(cfg.grpo.seed)
-    summary, trajs = evaluate(eval_agent, make_generator(policy), test)
-    rundir.write_eval(
-        run,
-        arm,
-        {
-            "split": "test",
-            "model": str(folder / "model"),
-            "temperature": cfg.eval_temperature,
-            **summary,
-        },
-    )
-    # Measure attention by replay on held-out trajectories, those with tool calls first
+    summary, _ = evaluate(eval_agent, make_generator(policy), test)
+    evaluation = {
+        "split": "test",
+        "model": str(folder / "model"),
+        "temperature": cfg.eval_temperature,
+        **summary,
+    }
+    rundir.write_eval(run, arm, evaluation)
+    # Measure attention by replay on sampled held-out episodes, those with tool calls first
     rundir.set_arm_stage(run, arm, "attention")
-    order = sorted(
-        range(len(trajs)), key=lambda i: -len([e for e in trajs[i].events if e.kind == "tool_call"])
+    probe_agent = Agent(
+        policy.tokenizer,
+        policy.image_processor,
+        _with_temperature(cfg.agent, cfg.measure.temperature),
     )
+    probe = test[: cfg.measure.n_candidates]
+    sampled, probe_trajs = evaluate(probe_agent, make_generator(policy), probe)
+    rundir.write_eval(
+        run, arm, {**evaluation, "sampled": {"temperature": cfg.measure.temperature, **sampled}}
+    )
+    order = sorted(range(len(probe_trajs)), key=lambda i: -probe_trajs[i].used)
     chosen = order[: cfg.measure.n_trajectories]
-    ids = [f"{trajs[i].sample_id}/g{trajs[i].group}" for i in chosen]
-    save_trajectories(run, arm, trajs, with_images=set(chosen))
+    ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
+    save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
     if chosen:
-        att, events = measure(policy, [trajs[i] for i in chosen], ids, chunk=cfg.measure.chunk)
+        att, events = measure(
+            policy, [probe_trajs[i] for i in chosen], ids, chunk=cfg.measure.chunk
+        )
         rundir.write_attention(run, arm, att)
         rundir.write_attention_events(run, arm, events)
 
@@ -167,21 +175,32 @@ def _with_temperature(agent_cfg, temperature: float):
     return replace(agent_cfg, temperature=temperature)
 
 
-def _base_model(run: Path, model: str) -> str:
-    """The base checkpoint every arm starts from; builds the random-weight tiny model if none."""
-    if model:
-        from agent.modeling import load_policy
+def _base_model(run: Path, model: str, warmup_cfg, progress: bool = True) -> str:
+    """The base checkpoint every arm starts from.
 
-        load_policy(model)  # fail early, naming the directory, before any arm starts
+    With ``model`` given, it is checked to load (failing early, naming the directory). Without,
+    a tiny Qwen2.5-VL is built from random weights and given the format warm-up
+    (:mod:`train.warmup`: turn format and tool-call syntax with random answers, no task
+    knowledge), then saved to ``<run>/base_model``; an existing one is reused on resume.
+    """
+    from agent.modeling import build_tiny_model, load_policy
+
+    if model:
+        load_policy(model)
         return model
     base = run / "base_model"
-    if not (base / "config.json").is_file():
-        from agent.modeling import build_tiny_model
+    if not (base / "relook_warmup.json").is_file():
+        from train.warmup import warmup
 
         print(
-            "No --model given: building a RANDOM-WEIGHT tiny Qwen2.5-VL (the curves are those of an untrained model)."
+            "No --model given: building a tiny Qwen2.5-VL from random weights + format warm-up (no task knowledge)."
         )
         build_tiny_model(base, seed=0)
+        policy = load_policy(base)
+        losses = warmup(policy, warmup_cfg, progress=progress)
+        policy.model.save_pretrained(base)
+        record = {**asdict(warmup_cfg), "loss_first": losses[0], "loss_last": losses[-1]}
+        atomic_write_json(base / "relook_warmup.json", record)
     return str(base)
 
 
@@ -209,16 +228,19 @@ def summary_table(run: Path) -> str:
                 "reward(last3)": m["rollout/reward_mean"].tail(3).mean()
                 if len(m)
                 else float("nan"),
-                "test_acc": e["accuracy"].iloc[0] if len(e) else float("nan"),
-                "tool_call_rate": e["tool_call_rate"].iloc[0]
-                if len(e) and "tool_call_rate" in e
-                else float("nan"),
+                "test_acc": _first(e, "accuracy"),
+                "tool_rate": _first(e, "tool_call_rate"),
+                "tool_rate(T=1)": _first(e, "sampled/tool_call_rate"),
                 "image_share": curve["image_share"].mean() if len(curve) else float("nan"),
                 "img_before": ba["before"].mean() if len(ba) else float("nan"),
                 "img_after": ba["after"].mean() if len(ba) else float("nan"),
             }
         )
     return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def _first(df, column: str) -> float:
+    return float(df[column].iloc[0]) if len(df) and column in df else float("nan")
 
 
 def main(args: AblateArgs) -> Path:
@@ -235,7 +257,7 @@ def main(args: AblateArgs) -> Path:
     _link_latest(run)
     t0 = time.perf_counter()
     try:
-        base = _base_model(run, args.model)
+        base = _base_model(run, args.model, GRIDS[args.grid]["warmup"], args.progress)
         done = set(rundir.list_arms(run).query("status == 'complete'")["arm"])
         todo = [c for c in configs if c.name not in done]
         if done:

@@ -1,8 +1,10 @@
 """Ablation grids: named lists of arms (METHOD.md 3-5 switches), each a full :class:`ArmConfig`.
 
-The default grid has four arms per seed: ``full`` (tools both, both masks, gain 0.5),
+The default grid has five arms per seed: ``base`` (no training: the reference the others
+start from), ``full`` (tools both, both masks, gain 0.5),
 ``tools_none`` (no tools, single turn), ``masks_off`` (neither mask) and ``gain0`` (no tool-use
-reward gain). ``smoke`` runs the same arms for 2 steps on a handful of questions (CI).
+reward gain). ``smoke`` runs the same arms for 2 steps on a handful of questions (CI). ``warmup``
+is the format warm-up of the built-in tiny base model (used when no ``--model`` is given).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import replace
 
 from agent.rollout import AgentConfig
 from train.config import ArmConfig, DataConfig, GRPOConfig, MeasureConfig
+from train.warmup import WarmupConfig
 
 ARM_SWITCHES = {
+    "base": {"steps": 0},  # no RL: the base model evaluated and measured as is
     "full": {},
     "tools_none": {"tools": "none"},
     "masks_off": {"mask_tokens": False, "mask_trajectories": False},
@@ -20,19 +24,21 @@ ARM_SWITCHES = {
 }
 
 GRIDS = {
-    # ~3 minutes per arm on 2 CPU cores with the tiny model
+    # about 3 minutes per arm on one core with the tiny model; two arms run side by side
     "default": dict(
-        grpo=GRPOConfig(steps=24, prompts_per_step=4, group_size=4, mini_batches=2, lr=5e-4),
-        data=DataConfig(n_test=32),
-        measure=MeasureConfig(n_trajectories=6),
+        grpo=GRPOConfig(steps=40, prompts_per_step=4, group_size=8, mini_batches=2, lr=5e-4),
+        data=DataConfig(n_test=48),
+        measure=MeasureConfig(n_trajectories=8, n_candidates=32),
         agent=AgentConfig(max_new_tokens=40, max_turns=4),
+        warmup=WarmupConfig(steps=200),
     ),
     # the same arms, 2 steps, tiny eval: CI and a first look (< 3 minutes for all arms)
     "smoke": dict(
         grpo=GRPOConfig(steps=2, prompts_per_step=2, group_size=2, mini_batches=1, lr=5e-4),
         data=DataConfig(n_test=4),
-        measure=MeasureConfig(n_trajectories=2),
+        measure=MeasureConfig(n_trajectories=2, n_candidates=4),
         agent=AgentConfig(max_new_tokens=24, max_turns=3),
+        warmup=WarmupConfig(steps=10),
     ),
 }
 

@@ -19,7 +19,7 @@ class GRPOConfig:
     """GRPO optimisation, masks and reward (METHOD.md 3-5).
 
     Attributes:
-        steps: policy-update steps (one rollout batch each).
+        steps: policy-update steps (one rollout batch each); 0 evaluates the base model as is.
         prompts_per_step: prompts (GRPO groups) per step.
         group_size: G, trajectories sampled per prompt (METHOD.md default 8).
         mini_batches: optimizer steps per rollout batch; >1 makes later mini-batches
@@ -76,7 +76,9 @@ class GRPOConfig:
             raise ValueError(
                 f"GRPOConfig.reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}"
             )
-        for name in ("steps", "prompts_per_step", "group_size", "mini_batches"):
+        if self.steps < 0:
+            raise ValueError(f"GRPOConfig.steps must be >= 0, got {self.steps}")
+        for name in ("prompts_per_step", "group_size", "mini_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -125,13 +127,22 @@ class DataConfig:
 class MeasureConfig:
     """Attention measurement by replay after training (METHOD.md 6).
 
+    Trajectories to replay are sampled afresh on held-out questions at ``temperature``
+    (greedy evaluation rarely calls tools), and those with successful tool calls are replayed
+    first, so that attention before and after tool calls can be measured whenever the policy
+    makes any.
+
     Attributes:
         n_trajectories: held-out trajectories replayed per arm (0: skip).
+        n_candidates: held-out episodes sampled to choose them from.
+        temperature: sampling temperature of those episodes.
         chunk: query rows per chunk of the streaming reduction.
         window: tokens before/after a tool call in the before/after summary.
     """
 
     n_trajectories: int = 8
+    n_candidates: int = 32
+    temperature: float = 1.0
     chunk: int = 256
     window: int = 8
 

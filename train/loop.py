@@ -77,7 +77,7 @@ def train(
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
-    updates = g.steps * g.mini_batches
+    updates = max(1, g.steps * g.mini_batches)
     warm = max(1, g.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / warm) * (1.0 - 0.9 * u / updates)

@@ -111,7 +111,7 @@ def test_grid_switches_change_the_configs():
     assert arms["tools_none"].agent.tools == "none" and arms["full"].agent.tools == "both"
     assert not arms["masks_off"].grpo.mask_tokens and not arms["masks_off"].grpo.mask_trajectories
     assert arms["gain0"].grpo.tool_gain == 0.0 and arms["full"].grpo.tool_gain == 0.5
-    assert len(grid_arms("default", (0, 1))) == 8
+    assert len(grid_arms("default", (0, 1))) == 10 and arms["base"].grpo.steps == 0
     with pytest.raises(ValueError, match="unknown grid"):
         grid_arms("huge", (0,))
 
