@@ -59,6 +59,13 @@ class AblateArgs:
     progress: bool = True
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from ``save_pretrained``/``from_pretrained`` inside our own bars."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _versions() -> dict[str, str]:
     import numpy
     import pandas
@@ -88,6 +95,7 @@ def run_arm(
     from analysis import rundir
 
     torch.set_num_threads(1)
+    _quiet_transformers()
     arm = cfg.name
     rundir.start_arm(run, arm, {**asdict(cfg), "base_model": base_model})
     try:
@@ -178,7 +186,7 @@ def _with_temperature(agent_cfg, temperature: float):
 def _base_model(run: Path, model: str, warmup_cfg, progress: bool = True) -> str:
     """The base checkpoint every arm starts from.
 
-    With ``model`` given, it is checked to load (failing early, naming the directory). Without,
+    With ``model`` given, that checkpoint (already checked to load by :func:`main`). Without,
     a tiny Qwen2.5-VL is built from random weights and given the format warm-up
     (:mod:`train.warmup`: turn format and tool-call syntax with random answers, no task
     knowledge), then saved to ``<run>/base_model``; an existing one is reused on resume.
@@ -186,7 +194,6 @@ def _base_model(run: Path, model: str, warmup_cfg, progress: bool = True) -> str
     from agent.modeling import build_tiny_model, load_policy
 
     if model:
-        load_policy(model)
         return model
     base = run / "base_model"
     if not (base / "relook_warmup.json").is_file():
@@ -248,7 +255,12 @@ def main(args: AblateArgs) -> Path:
     from analysis import rundir
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _quiet_transformers()
     configs = grid_arms(args.grid, args.seeds, args.arms, args.model, args.steps)
+    if args.model:
+        from agent.modeling import load_policy
+
+        load_policy(args.model)  # fail early, naming the directory, before anything is written
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run = Path(args.out) if args.out else Path("runs") / f"ablate-{args.grid}-{stamp}"
     run = rundir.create_run(
@@ -267,6 +279,9 @@ def main(args: AblateArgs) -> Path:
         flipped = rundir.mark_interrupted(run)
         print(f"\ninterrupted: {run} marked incomplete (arms {flipped})", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception:
+        rundir.mark_interrupted(run)  # never leave a run looking as if it were still going
+        raise
     status = rundir.finish_run(run)
     print(f"\nrun directory: {run}  (status: {status}, {time.perf_counter() - t0:.0f} s)")
     print(summary_table(run))
@@ -302,7 +317,14 @@ def _link_latest(run: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--list-grids"]:
-        print("\n".join(GRIDS))
-    else:
+    from analysis.rundir import RunDirError
+
+    try:
         main(tyro.cli(AblateArgs))
+    except (
+        FileNotFoundError,
+        ValueError,
+        RunDirError,
+    ) as exc:  # bad input: a message, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
