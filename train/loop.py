@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -112,20 +113,8 @@ def train(
         gap = _logprob_gap(trajs, old_lp)
         t_old = time.perf_counter()
         # Policy update
-        stats = _update(
-            model,
-            optimizer,
-            scheduler,
-            params,
-            g,
-            trajs,
-            inputs,
-            weights,
-            advantages,
-            old_lp,
-            ref_lp,
-            shuffle,
-        )
+        batch = _Batch(trajs, inputs, weights, advantages, old_lp, ref_lp)
+        stats = _update(model, optimizer, scheduler, params, g, batch, shuffle)
         t_upd = time.perf_counter()
         # Metrics
         row = {"step": step, **rollout_metrics(trajs, weights), **stats}
@@ -157,22 +146,28 @@ def _logprob_gap(trajs, old_lp) -> float:
     return float(d.mean()) if d.numel() else 0.0
 
 
-def _update(
-    model,
-    optimizer,
-    scheduler,
-    params,
-    g,
-    trajs,
-    inputs,
-    weights,
-    advantages,
-    old_lp,
-    ref_lp,
-    shuffle,
-) -> dict:
+@dataclass
+class _Batch:
+    """One step's rollout batch, per trajectory: inputs, ``[pos]`` weights and log-probs."""
+
+    trajs: list
+    inputs: list[dict]
+    weights: list[torch.Tensor]
+    advantages: torch.Tensor
+    old_lp: list[torch.Tensor]
+    ref_lp: list[torch.Tensor] | None
+
+
+def _update(model, optimizer, scheduler, params, g, batch: _Batch, shuffle) -> dict:
     """``g.mini_batches`` optimizer steps over a shuffled split of the batch; returns ``actor/*``."""
     model.train()
+    trajs, inputs, weights, old_lp, ref_lp = (
+        batch.trajs,
+        batch.inputs,
+        batch.weights,
+        batch.old_lp,
+        batch.ref_lp,
+    )
     order = torch.randperm(len(trajs), generator=shuffle).tolist()
     chunks = [c.tolist() for c in torch.tensor(order).chunk(g.mini_batches)]
     logs: dict[str, list[float]] = {
@@ -196,7 +191,7 @@ def _update(
             loss, st = clipped_policy_loss(
                 lp,
                 old_lp[i][None],
-                advantages[i : i + 1],
+                batch.advantages[i : i + 1],
                 w,
                 g.clip_eps_low,
                 g.clip_eps_high,
@@ -204,8 +199,8 @@ def _update(
                 n_tokens,
                 isw,
             )
-            if g.loss_agg == "seq-mean-token-mean":
-                loss = loss / len(chunk)
+            if g.loss_agg == "seq-mean-token-mean":  # mean over the sequences that carry weight
+                loss = loss / sum(float(weights[j].sum()) > 0 for j in chunk)
             kl = (
                 agg_loss(kl_k3(lp, ref_lp[i][None]), w, "token-mean", n_tokens)
                 if ref_lp is not None
