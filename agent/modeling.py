@@ -151,6 +151,30 @@ class TinySpec:
             )
 
 
+def _prompt_corpus() -> list[str]:
+    """relook's prompt, question and answer language (agent prompting, tasks, pretraining)."""
+    from agent.data.pretrain import THOUGHTS
+    from agent.data.render import COLOURS, SHAPES
+    from agent.data.tasks import QUESTIONS
+    from agent.prompting import corpus
+
+    texts = corpus() + list(THOUGHTS)
+    for c in COLOURS:
+        for s in SHAPES:
+            texts += [q.format(colour=c, shape=s, article="a", k=2) for q in QUESTIONS.values()]
+            texts += [
+                f"Is there a {c} {s} in the image? Image 2 shows a {c} {s}. The zoomed region shows a {c} {s}."
+            ]
+    texts += [" ".join(f"[{i}, {i + 7}, {i + 30}, {i + 61}]" for i in range(0, 224))]
+    texts += [
+        "What colour is the shape? What shape is in the image? What digit is written in the image?"
+    ]
+    texts += [
+        "What does image 3 show? Zoom in and describe the object in image 1. Look at image 2 again and describe it."
+    ]
+    return texts
+
+
 def build_tokenizer(
     vocab_size: int = 1024, corpus: tuple[str, ...] = ()
 ) -> PreTrainedTokenizerFast:
@@ -177,7 +201,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = [_CORPUS_WORDS] * 4 + list(corpus)
+    texts = [_CORPUS_WORDS] * 4 + _prompt_corpus() * 8 + list(corpus)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -20,6 +20,28 @@ FORMAT_WITH_TOOLS = (
 FORMAT_NO_TOOLS = "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
 
 
+def system_text(tools: tuple[str, ...]) -> str:
+    """The system turn: Qwen2.5's ``# Tools`` / ``<tools>`` block listing ``tools``' schemas."""
+    text = SYSTEM_TEXT
+    if tools:
+        listed = "\n".join(json.dumps(TOOL_SCHEMAS[t]) for t in tools)
+        text += f"\n\n# Tools\n<tools>\n{listed}\n</tools>"
+    return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+
+def corpus() -> list[str]:
+    """Texts of relook's prompt language (system turns, format lines, observations), e.g. to
+    train a compact tokenizer on."""
+    return [
+        system_text(("reflect", "confirm")),
+        system_text(()),
+        FORMAT_WITH_TOOLS,
+        FORMAT_NO_TOOLS,
+        "<tool_response>\nHere are the images again: Image 1, Image 2.\nImage 1 (reflect): </tool_response>",
+        "<tool_response>\nHere is the zoomed region of Image 2.\nImage 2 (confirm): </tool_response>",
+    ]
+
+
 @dataclass(frozen=True)
 class ChatIds:
     """Token ids of the chat and vision special tokens of one tokenizer."""
@@ -73,11 +95,8 @@ class PromptBuilder:
         return [self.ids.vision_start] + [self.ids.image_pad] * n_tokens + [self.ids.vision_end]
 
     def system_text(self) -> str:
-        text = SYSTEM_TEXT
-        if self.tools:
-            listed = "\n".join(json.dumps(TOOL_SCHEMAS[t]) for t in self.tools)
-            text += f"\n\n# Tools\n<tools>\n{listed}\n</tools>"
-        return f"<|im_start|>system\n{text}<|im_end|>\n"
+        """The system turn (with the tool list when tools are advertised)."""
+        return system_text(self.tools)
 
     def prompt(self, question: str, image_tokens: list[int]) -> list[int]:
         """Initial prompt: system turn, user turn ``Image k: <image>`` ..., question, format.

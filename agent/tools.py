@@ -16,26 +16,18 @@ from PIL import Image
 
 TOOL_NAMES = ("reflect", "confirm")
 
+# Compact schemas (name, description, argument types): the whole system turn stays short, which
+# matters for a tiny model's context and speed; real checkpoints read them as well.
 TOOL_SCHEMAS = {
     "reflect": {
         "name": "reflect",
-        "description": "Look at the original images again. Returns the listed images (default: all).",
-        "parameters": {
-            "type": "object",
-            "properties": {"images": {"type": "array", "items": {"type": "integer"}}},
-        },
+        "description": "Look at the original images again.",
+        "arguments": {"images": "list of image numbers (default: all)"},
     },
     "confirm": {
         "name": "confirm",
-        "description": "Zoom into a box of one image to check a detail. Returns the enlarged crop.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "image": {"type": "integer"},
-                "bbox_2d": {"type": "array", "items": {"type": "integer"}},
-            },
-            "required": ["image", "bbox_2d"],
-        },
+        "description": "Zoom into a box of one image.",
+        "arguments": {"image": "image number", "bbox_2d": "[x1, y1, x2, y2] in pixels"},
     },
 }
 

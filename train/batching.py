@@ -52,3 +52,47 @@ def token_log_probs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     ids = inputs["input_ids"][0, 1:]
     lp = logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     return torch.cat([lp.new_zeros(1), lp])
+
+
+def batch_inputs(
+    trajs: list[Trajectory], image_token_id: int, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch of whole trajectories for one teacher-forced forward.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (1 on real tokens), ``mm_token_type_ids``: ``[batch,
+        pos]``; ``pixel_values`` / ``image_grid_thw`` of every image of every row, in row order
+        (the order Qwen2.5-VL's ``get_rope_index`` and placeholder scatter consume them).
+    """
+    length = max(len(t.token_ids) for t in trajs)
+    ids = torch.full((len(trajs), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(trajs), length), dtype=torch.long)
+    for i, t in enumerate(trajs):
+        ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
+        mask[i, : len(t.token_ids)] = 1
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": ((ids == image_token_id) & (mask == 1)).to(torch.int32),
+    }
+    images = [r for t in trajs for r in t.images]
+    if images:
+        out["pixel_values"] = torch.cat([r.pixel_values for r in images])
+        out["image_grid_thw"] = torch.tensor([r.grid_thw for r in images], dtype=torch.long)
+    return out
+
+
+def batch_weights(trajs: list[Trajectory], weights: list[torch.Tensor]) -> torch.Tensor:
+    """``[batch, pos]`` right-padded loss weights (0 on padding)."""
+    out = torch.zeros((len(trajs), max(len(t.token_ids) for t in trajs)))
+    for i, w in enumerate(weights):
+        out[i, : w.numel()] = w
+    return out
+
+
+def batched_token_log_probs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`token_log_probs` for a right-padded batch: ``[batch, pos]``, 0 at position 0."""
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    ids = inputs["input_ids"][:, 1:]
+    lp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)

@@ -1,0 +1,247 @@
+"""Supervised pretraining examples for relook-tiny: perception, image grounding, protocol.
+
+These are **not** the evaluation families (``find``, ``count``, ``read``, ``compare``, ``odd``):
+they teach a base model to see (colour, shape, digit of one object), to ground image indices
+("Image 2 shows ..."), and to speak the turn format and the tool-call syntax in generic uses
+(zoom in with ``confirm`` to describe an object; look again with ``reflect`` to restate an
+image). A small ``format`` share asks evaluation-style questions with a **randomly drawn**
+answer of the right type (and sometimes a random valid tool call first), so the base knows the
+answer space and the protocol but nothing about which answer is right or when a tool helps:
+that is left to RL, as in IMAgent's pure end-to-end RL from a pretrained base (METHOD.md 1).
+
+Every example is deterministic from ``(seed, index, step fraction)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.data import tasks
+from agent.data.render import COLOURS, SHAPES
+from agent.data.scene import Scene, pick_target
+from agent.data.tasks import Sample, TaskConfig
+
+KINDS = ("colour", "shape", "present", "digit", "label", "locate", "restate", "format")
+
+THOUGHTS = ("I look at the image.", "Let me look closely.", "I check the image.")
+
+
+@dataclass(frozen=True)
+class PretrainExample:
+    """One supervised transcript.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        sample: images + question (``answer`` holds the final answer text).
+        tools: advertise the tools in the system turn.
+        script: the assistant turns, in order (the environment inserts tool results between).
+    """
+
+    kind: str
+    sample: Sample
+    tools: bool
+    script: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Sampling weights of the example kinds (normalised when drawn)."""
+
+    colour: float = 0.18
+    shape: float = 0.18
+    present: float = 0.12
+    digit: float = 0.12
+    label: float = 0.16
+    locate: float = 0.08
+    restate: float = 0.06
+    format: float = 0.10
+
+    def probs(self) -> np.ndarray:
+        w = np.array([getattr(self, k) for k in KINDS], dtype=float)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"Mix weights must be >= 0 and not all 0, got {w.tolist()}")
+        return w / w.sum()
+
+
+def _think(rng: np.random.Generator, text: str | None = None) -> str:
+    return f"<think>{text or THOUGHTS[int(rng.integers(len(THOUGHTS)))]}</think>"
+
+
+def _describe(obj: dict | None) -> str:
+    if obj is None:
+        return "nothing"
+    if obj["kind"] == "digit":
+        return f"the digit {obj['digit']}"
+    return f"a {obj['colour']} {obj['shape']}"
+
+
+def _scene(rng, split: str, n: int, cfg: TaskConfig) -> Scene:
+    return Scene(rng, split, n, cfg.image_size, cfg.target_size, cfg.difficulty)
+
+
+def _sample(kind: str, scene: Scene, question: str, answer: str, index: int) -> Sample:
+    return Sample(
+        id=f"pretrain-{kind}-{index:07d}", split=scene.split, family=f"pretrain:{kind}", images=tuple(scene.images),
+        question=question, answer=answer, answer_type="word", target_image=None, target_bbox=None, meta=scene.meta(),
+    )  # fmt: skip
+
+
+def _box_in_frame(box, image, frame, rng: np.random.Generator) -> list[int]:
+    """A padded model-frame box around ``box`` (original pixels) of ``image``."""
+    fw, fh = frame.size(image)
+    sx, sy = fw / image.width, fh / image.height
+    x1, y1, x2, y2 = box
+    pad = int(rng.integers(2, 8))
+    return [
+        max(0, int(x1 * sx) - pad),
+        max(0, int(y1 * sy) - pad),
+        min(fw, int(np.ceil(x2 * sx)) + pad),
+        min(fh, int(np.ceil(y2 * sy)) + pad),
+    ]
+
+
+def _single(kind: str, rng, split, cfg, index) -> PretrainExample:
+    scene = _scene(rng, split, 1, cfg)
+    if kind == "digit":
+        d = int(rng.integers(10))
+        scene.add_digit(0, d)
+        q, a, seen = "What digit is written in the image?", str(d), f"I see the digit {d}."
+    elif kind == "present":
+        colour, shape = pick_target(rng)
+        yes = rng.random() < 0.5
+        if yes:
+            scene.add_shape(0, colour, shape)
+        scene.add_distractors(0, colour, shape, most=1)
+        q, a = f"Is there a {colour} {shape} in the image?", "yes" if yes else "no"
+        seen = f"There is {'a' if yes else 'no'} {colour} {shape}."
+    else:
+        colour, shape = pick_target(rng)
+        scene.add_shape(0, colour, shape)
+        q = "What colour is the shape?" if kind == "colour" else "What shape is in the image?"
+        a, seen = (colour if kind == "colour" else shape), f"I see a {colour} {shape}."
+    sample = _sample(kind, scene, q, a, index)
+    return PretrainExample(
+        kind, sample, bool(rng.random() < 0.5), (f"{_think(rng, seen)}<answer>{a}</answer>",)
+    )
+
+
+def _label(rng, split, cfg, index) -> PretrainExample:
+    n = int(rng.integers(cfg.n_images[0], cfg.n_images[1] + 1))
+    scene = _scene(rng, split, n, cfg)
+    for k in range(n):
+        if rng.random() < 0.75:
+            scene.add_shape(k, *pick_target(rng))
+    k = int(rng.integers(n))
+    what = _describe(scene.objects[k][0] if scene.objects[k] else None)
+    sample = _sample("label", scene, f"What does image {k + 1} show?", what, index)
+    script = (f"{_think(rng, f'Image {k + 1} shows {what}.')}<answer>{what}</answer>",)
+    return PretrainExample("label", sample, bool(rng.random() < 0.5), script)
+
+
+def _tool_example(kind: str, rng, split, cfg, index, frame) -> PretrainExample:
+    n = 1 if kind == "locate" else int(rng.integers(cfg.n_images[0], cfg.n_images[1] + 1))
+    scene = _scene(rng, split, n, cfg)
+    for k in range(n):
+        if kind == "locate" or rng.random() < 0.75:
+            scene.add_shape(k, *pick_target(rng))
+    k = int(rng.integers(n))
+    obj = scene.objects[k][0] if scene.objects[k] else None
+    what = _describe(obj)
+    if kind == "locate":
+        box = _box_in_frame(obj["bbox"], scene.images[k], frame, rng)
+        call = {"name": "confirm", "arguments": {"image": k + 1, "bbox_2d": box}}
+        q, seen = (
+            f"Zoom in and describe the object in image {k + 1}.",
+            f"The zoomed region shows {what}.",
+        )
+    else:
+        call = {"name": "reflect", "arguments": {"images": [k + 1]}}
+        q, seen = f"Look at image {k + 1} again and describe it.", f"Image {k + 1} shows {what}."
+    sample = _sample(kind, scene, q, what, index)
+    first = f"{_think(rng)}<tool_call>{json.dumps(call)}</tool_call>"
+    return PretrainExample(
+        kind, sample, True, (first, f"{_think(rng, seen)}<answer>{what}</answer>")
+    )
+
+
+def _random_call(sample: Sample, rng, frame) -> str:
+    n = len(sample.images)
+    if rng.random() < 0.5:
+        ks = sorted(
+            rng.choice(
+                np.arange(1, n + 1), size=int(rng.integers(1, n + 1)), replace=False
+            ).tolist()
+        )
+        call = {"name": "reflect", "arguments": {"images": ks}}
+    else:
+        k = int(rng.integers(1, n + 1))
+        w, h = frame.size(sample.images[k - 1])
+        bw, bh = int(rng.integers(w // 4, w // 2 + 1)), int(rng.integers(h // 4, h // 2 + 1))
+        x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        call = {"name": "confirm", "arguments": {"image": k, "bbox_2d": [x, y, x + bw, y + bh]}}
+    return f"<tool_call>{json.dumps(call)}</tool_call>"
+
+
+def random_answer(sample: Sample, rng: np.random.Generator) -> str:
+    """A uniformly random answer of ``sample``'s answer type (never informed by the images)."""
+    n = len(sample.images)
+    if sample.answer_type == "index":
+        return str(rng.integers(1, n + 1))
+    if sample.answer_type == "int":
+        return str(rng.integers(0, n + 1))
+    return str(rng.integers(0, 10))
+
+
+def _format(rng, split, cfg, index, frame, tool_frac: float) -> PretrainExample:
+    sample = tasks.generate_one(split, index, int(rng.integers(1 << 30)), cfg)
+    tools = bool(rng.random() < 0.75)
+    answer = f"{_think(rng)}<answer>{random_answer(sample, rng)}</answer>"
+    script = (answer,)
+    if tools and rng.random() < tool_frac:
+        script = (_think(rng) + _random_call(sample, rng, frame), answer)
+    return PretrainExample("format", sample, tools, script)
+
+
+def pretrain_example(
+    index: int,
+    seed: int,
+    cfg: TaskConfig,
+    frame,
+    mix: Mix | None = None,
+    tool_frac: float = 0.3,
+    split: str = "train",
+) -> PretrainExample:
+    """Example ``index`` of the pretraining stream (pure function of its arguments).
+
+    Args:
+        index: position in the stream.
+        seed: stream seed.
+        cfg: scene settings (``difficulty`` and ``target_size`` carry the curriculum).
+        frame: the image processor's resize rule (:class:`agent.tools.ImageFrame`) for boxes.
+        mix: kind weights.
+        tool_frac: in ``format`` examples with tools advertised, share that calls a tool first.
+        split: ``"train"`` (training backgrounds/digits) or ``"test"`` (held-out probes).
+    """
+    rng = np.random.default_rng([seed, 7, index])
+    kind = KINDS[int(rng.choice(len(KINDS), p=(mix or Mix()).probs()))]
+    if kind in ("colour", "shape", "present", "digit"):
+        return _single(kind, rng, split, cfg, index)
+    if kind == "label":
+        return _label(rng, split, cfg, index)
+    if kind in ("locate", "restate"):
+        return _tool_example(kind, rng, split, cfg, index, frame)
+    return _format(rng, split, cfg, index, frame, tool_frac)
+
+
+__all__ = [
+    "KINDS",
+    "Mix",
+    "PretrainExample",
+    "pretrain_example",
+    "random_answer",
+    "COLOURS",
+    "SHAPES",
+]
