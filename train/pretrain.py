@@ -50,16 +50,21 @@ class PretrainConfig:
         steps: optimizer steps.
         batch: examples per step.
         lr: AdamW peak learning rate (linear warm-up, cosine decay to 10%).
+        vision_lr_mult: learning-rate multiplier of the vision tower (its gradients are orders
+            of magnitude smaller than the language model's at random init).
         warmup_steps: linear warm-up steps.
         weight_decay: AdamW weight decay.
         seed: seed of weights, data stream and sampling.
         ramp_frac: share of the steps over which difficulty goes 0 -> 1.
-        target_size: pixel range of pasted targets in 224 px images.
+        target_size: pixel range of pasted targets in 224 px images at the end of the ramp.
+        size_start: pixel range of described shapes at step 0 (interpolated to
+            ``target_size`` over the ramp): perception is learned on large objects first.
         mix: example-kind weights.
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
         save_every: steps between resumable checkpoints.
         eval_every: steps between probe evaluations (0: only at the end).
         resume: continue from ``<out>/checkpoint`` if present.
+        probe_n: questions per held-out probe of the final model card.
         spec: model shape.
     """
 
@@ -67,16 +72,19 @@ class PretrainConfig:
     steps: int = 3000
     batch: int = 16
     lr: float = 1e-3
+    vision_lr_mult: float = 5.0
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
     ramp_frac: float = 0.6
     target_size: tuple[int, int] = (20, 56)
+    size_start: tuple[int, int] = (100, 180)
     mix: Mix = field(default_factory=Mix)
     tool_frac: float = 0.3
     save_every: int = 250
     eval_every: int = 500
     resume: bool = False
+    probe_n: int = 64
     spec: TinySpec = RELOOK_TINY_SPEC
 
 
@@ -128,6 +136,14 @@ def _difficulty(step: int, cfg: PretrainConfig) -> float:
     return float(min(1.0, step / max(1.0, cfg.ramp_frac * cfg.steps)))
 
 
+def _sizes(step: int, cfg: PretrainConfig) -> tuple[int, int]:
+    """Curriculum of described-shape sizes: ``size_start`` -> ``target_size`` over the ramp."""
+    f = _difficulty(step, cfg)
+    lo = round(cfg.size_start[0] + f * (cfg.target_size[0] - cfg.size_start[0]))
+    hi = round(cfg.size_start[1] + f * (cfg.target_size[1] - cfg.size_start[1]))
+    return lo, max(lo, hi)
+
+
 def _schedule(cfg: PretrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -176,7 +192,9 @@ def _save_model(policy: Policy, folder: Path) -> None:
     policy.image_processor.save_pretrained(folder)
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None = None) -> Policy:
+def pretrain(
+    cfg: PretrainConfig, progress: bool = True, stop_after: int | None = None, probe: bool = True
+) -> Policy:
     """Run (or resume) pretraining; writes the final model to ``cfg.out``; returns the policy.
 
     Args:
@@ -184,6 +202,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None 
         progress: show a progress bar.
         stop_after: stop (after checkpointing) once this many steps are done, as a killed job
             would; the final model is not written (for resume tests).
+        probe: run the held-out probes at the end and write ``probe.json`` and ``README.md``.
     """
     from train import probes
 
@@ -197,7 +216,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None 
         build_tiny_model(out / "init", cfg.spec, seed=cfg.seed)
         policy = load_policy(out / "init")
     model = policy.model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    ids = {id(p) for p in vision}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr},
+        {"params": vision, "lr": cfg.lr * cfg.vision_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if cfg.resume and (ckpt / "trainer_state.pt").is_file():
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
@@ -218,8 +243,11 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None 
     )
     for step in bar:
         tasks = TaskConfig(target_size=cfg.target_size, difficulty=_difficulty(step, cfg))
+        sizes = _sizes(step, cfg)
         examples = [
-            pretrain_example(step * cfg.batch + i, cfg.seed, tasks, frame, cfg.mix, cfg.tool_frac)
+            pretrain_example(
+                step * cfg.batch + i, cfg.seed, tasks, frame, cfg.mix, cfg.tool_frac, sizes=sizes
+            )
             for i in range(cfg.batch)
         ]
         trajs = transcripts(policy, examples)
@@ -235,6 +263,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None 
             "loss": float(loss.detach()),
             "grad_norm": grad_norm,
             "difficulty": tasks.difficulty,
+            "sizes": list(sizes),
             "lr": sched.get_last_lr()[0],
             "elapsed_s": time.perf_counter() - t0,
         }
@@ -252,7 +281,41 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, stop_after: int | None 
     model.eval()
     _save_model(policy, out)
     (out / "relook_pretrain.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+    if probe:
+        write_model_card(policy, cfg, out, wall_s=time.perf_counter() - t0)
     return policy
+
+
+def write_model_card(policy: Policy, cfg: PretrainConfig, out: Path, wall_s: float) -> dict:
+    """Probe the model (held-out split) and write ``probe.json`` and a ``README.md`` model card."""
+    from train import probes
+
+    result = probes.all_probes(policy, n=cfg.probe_n)
+    (out / "probe.json").write_text(json.dumps(result, indent=1))
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    lines = [
+        "# relook-tiny",
+        "",
+        f"A {n_params / 1e6:.2f} M-parameter Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) pretrained from",
+        "random weights on CPU by `python -m train.pretrain` (relook). Data: `agent/data/pretrain.py`",
+        "(perception of colour, shape, presence and MNIST digits on real photos shipped in packages;",
+        "image-index grounding; turn format and generic reflect/confirm use; evaluation-style",
+        "questions only with randomly drawn answers). Curriculum: shapes from",
+        f"{cfg.size_start} px down to {cfg.target_size} px and difficulty 0 -> 1 over",
+        f"{cfg.ramp_frac:.0%} of {cfg.steps} steps (batch {cfg.batch}, lr {cfg.lr}, vision lr x{cfg.vision_lr_mult}).",
+        "",
+        f"Seed {cfg.seed}; wall time {wall_s / 60:.1f} min on this machine; config in `relook_pretrain.json`,",
+        "per-step loss in `log.jsonl`. Rebuild with the command in `relook_pretrain.json` defaults:",
+        f"`python -m train.pretrain --out {out} --seed {cfg.seed} --steps {cfg.steps}`.",
+        "",
+        "## Held-out probes (test split: backgrounds and digits never seen in training)",
+        "",
+        "```json",
+        json.dumps(result, indent=1),
+        "```",
+    ]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return result
 
 
 def _jsonable(obj):

@@ -117,3 +117,13 @@ def first_turn_protocol(
         others += 1
         answers += bool(ans) and normalize_answer(ans.group(1), s.answer_type) is not None
     return {"tool_call": calls / n, "answer": answers / max(others, 1), "n": n}
+
+
+def all_probes(policy: Policy, n: int = 64) -> dict:
+    """Every probe of this module (the numbers a relook-tiny model card reports)."""
+    return {
+        "perception_easiest": perception(policy, n=n, difficulty=0.0, target_size=(40, 56)),
+        "perception_hardest": perception(policy, n=n, difficulty=1.0, target_size=(20, 30)),
+        "families_without_tools": families_without_tools(policy, n=2 * n),
+        "first_turn_with_tools": first_turn_protocol(policy, n=n),
+    }

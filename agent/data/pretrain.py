@@ -103,7 +103,11 @@ def _box_in_frame(box, image, frame, rng: np.random.Generator) -> list[int]:
     ]
 
 
-def _single(kind: str, rng, split, cfg, index) -> PretrainExample:
+def _size(rng, sizes) -> int | None:
+    return None if sizes is None else int(rng.integers(sizes[0], sizes[1] + 1))
+
+
+def _single(kind: str, rng, split, cfg, index, sizes=None) -> PretrainExample:
     scene = _scene(rng, split, 1, cfg)
     if kind == "digit":
         d = int(rng.integers(10))
@@ -113,13 +117,13 @@ def _single(kind: str, rng, split, cfg, index) -> PretrainExample:
         colour, shape = pick_target(rng)
         yes = rng.random() < 0.5
         if yes:
-            scene.add_shape(0, colour, shape)
+            scene.add_shape(0, colour, shape, size=_size(rng, sizes))
         scene.add_distractors(0, colour, shape, most=1)
         q, a = f"Is there a {colour} {shape} in the image?", "yes" if yes else "no"
         seen = f"There is {'a' if yes else 'no'} {colour} {shape}."
     else:
         colour, shape = pick_target(rng)
-        scene.add_shape(0, colour, shape)
+        scene.add_shape(0, colour, shape, size=_size(rng, sizes))
         q = "What colour is the shape?" if kind == "colour" else "What shape is in the image?"
         a, seen = (colour if kind == "colour" else shape), f"I see a {colour} {shape}."
     sample = _sample(kind, scene, q, a, index)
@@ -128,12 +132,12 @@ def _single(kind: str, rng, split, cfg, index) -> PretrainExample:
     )
 
 
-def _label(rng, split, cfg, index) -> PretrainExample:
+def _label(rng, split, cfg, index, sizes=None) -> PretrainExample:
     n = int(rng.integers(cfg.n_images[0], cfg.n_images[1] + 1))
     scene = _scene(rng, split, n, cfg)
     for k in range(n):
         if rng.random() < 0.75:
-            scene.add_shape(k, *pick_target(rng))
+            scene.add_shape(k, *pick_target(rng), size=_size(rng, sizes))
     k = int(rng.integers(n))
     what = _describe(scene.objects[k][0] if scene.objects[k] else None)
     sample = _sample("label", scene, f"What does image {k + 1} show?", what, index)
@@ -213,6 +217,7 @@ def pretrain_example(
     mix: Mix | None = None,
     tool_frac: float = 0.3,
     split: str = "train",
+    sizes: tuple[int, int] | None = None,
 ) -> PretrainExample:
     """Example ``index`` of the pretraining stream (pure function of its arguments).
 
@@ -224,13 +229,16 @@ def pretrain_example(
         mix: kind weights.
         tool_frac: in ``format`` examples with tools advertised, share that calls a tool first.
         split: ``"train"`` (training backgrounds/digits) or ``"test"`` (held-out probes).
+        sizes: side range in pixels of the described shapes in perception/label examples
+            (the curriculum starts with shapes far larger than ``cfg.target_size`` allows);
+            ``None`` uses ``cfg.target_size``.
     """
     rng = np.random.default_rng([seed, 7, index])
     kind = KINDS[int(rng.choice(len(KINDS), p=(mix or Mix()).probs()))]
     if kind in ("colour", "shape", "present", "digit"):
-        return _single(kind, rng, split, cfg, index)
+        return _single(kind, rng, split, cfg, index, sizes)
     if kind == "label":
-        return _label(rng, split, cfg, index)
+        return _label(rng, split, cfg, index, sizes)
     if kind in ("locate", "restate"):
         return _tool_example(kind, rng, split, cfg, index, frame)
     return _format(rng, split, cfg, index, frame, tool_frac)

@@ -58,17 +58,30 @@ def test_no_example_solves_an_evaluation_family():
 
 
 def test_loss_falls_and_resume_is_exact(tmp_path):
-    base = dict(steps=6, batch=4, lr=3e-3, warmup_steps=1, save_every=3, eval_every=0, spec=SMALL)
+    base = dict(
+        steps=6, batch=4, lr=3e-3, warmup_steps=1, save_every=3, eval_every=0, spec=SMALL, probe_n=2
+    )
     full = pretrain(PretrainConfig(out=tmp_path / "full", **base), progress=False)
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    card = json.loads((tmp_path / "full" / "probe.json").read_text())
+    assert set(card) == {
+        "perception_easiest",
+        "perception_hardest",
+        "families_without_tools",
+        "first_turn_with_tools",
+    }
+    assert set(card["perception_easiest"]) == {"colour", "shape", "present", "digit"}
+    assert "Held-out probes" in (tmp_path / "full" / "README.md").read_text()
     assert np.mean([r["loss"] for r in log[-2:]]) < log[0]["loss"]
     # a run stopped after step 3 and resumed gives bit-identical weights
     pretrain(
         PretrainConfig(out=tmp_path / "half", **{**base, "steps": 6}), progress=False, stop_after=3
     )
     assert (tmp_path / "half" / "checkpoint" / "trainer_state.pt").is_file()
-    resumed = pretrain(PretrainConfig(out=tmp_path / "half", resume=True, **base), progress=False)
+    resumed = pretrain(
+        PretrainConfig(out=tmp_path / "half", resume=True, **base), progress=False, probe=False
+    )
     half_log = [
         json.loads(line) for line in (tmp_path / "half" / "log.jsonl").read_text().splitlines()
     ]
