@@ -35,6 +35,7 @@ from agent.rollout import Agent, AgentConfig, GenResult, rollout
 from agent.tools import ImageFrame
 from train.batching import batch_inputs, batch_weights, batched_token_log_probs, loss_weights
 
+STAGE1_MIX = Mix(colour=1, shape=1, present=0, digit=0, label=0, locate=0, restate=0, format=0)
 RELOOK_TINY_SPEC = TinySpec(
     text_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=384,
     vision_depth=3, vision_hidden=128, vision_heads=4, patch_size=14, merge_size=2,
@@ -59,6 +60,10 @@ class PretrainConfig:
         target_size: pixel range of pasted targets in 224 px images at the end of the ramp.
         size_start: pixel range of described shapes at step 0 (interpolated to
             ``target_size`` over the ramp): perception is learned on large objects first.
+        plain_start: share of flat grey backgrounds at step 0, falling to 0 over the ramp.
+        stage1_steps: perception warm-up before the ramp: colour and shape questions only, flat
+            backgrounds, ``size_start`` shapes, no tools advertised (colour on plain backgrounds
+            was learned in ~150 steps this way, and not at all when mixed from the start).
         mix: example-kind weights.
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
         save_every: steps between resumable checkpoints.
@@ -79,6 +84,8 @@ class PretrainConfig:
     ramp_frac: float = 0.6
     target_size: tuple[int, int] = (20, 56)
     size_start: tuple[int, int] = (100, 180)
+    plain_start: float = 1.0
+    stage1_steps: int = 400
     mix: Mix = field(default_factory=Mix)
     tool_frac: float = 0.3
     save_every: int = 250
@@ -133,7 +140,9 @@ def sft_loss(policy: Policy, trajs) -> torch.Tensor:
 
 
 def _difficulty(step: int, cfg: PretrainConfig) -> float:
-    return float(min(1.0, step / max(1.0, cfg.ramp_frac * cfg.steps)))
+    """Curriculum position in [0, 1]: 0 during stage 1, then linear over ``ramp_frac`` of the rest."""
+    ramp = max(1.0, cfg.ramp_frac * (cfg.steps - cfg.stage1_steps))
+    return float(min(1.0, max(0, step - cfg.stage1_steps) / ramp))
 
 
 def _sizes(step: int, cfg: PretrainConfig) -> tuple[int, int]:
@@ -244,6 +253,7 @@ def pretrain(
     for step in bar:
         tasks = TaskConfig(target_size=cfg.target_size, difficulty=_difficulty(step, cfg))
         sizes = _sizes(step, cfg)
+        plain = cfg.plain_start * (1.0 - _difficulty(step, cfg))
         examples = [
             pretrain_example(
                 step * cfg.batch + i, cfg.seed, tasks, frame, cfg.mix, cfg.tool_frac, sizes=sizes
@@ -264,6 +274,7 @@ def pretrain(
             "grad_norm": grad_norm,
             "difficulty": tasks.difficulty,
             "sizes": list(sizes),
+            "plain": plain,
             "lr": sched.get_last_lr()[0],
             "elapsed_s": time.perf_counter() - t0,
         }

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from agent.data import tasks
 from agent.data.render import COLOURS, SHAPES
@@ -78,8 +79,18 @@ def _describe(obj: dict | None) -> str:
     return f"a {obj['colour']} {obj['shape']}"
 
 
-def _scene(rng, split: str, n: int, cfg: TaskConfig) -> Scene:
-    return Scene(rng, split, n, cfg.image_size, cfg.target_size, cfg.difficulty)
+def _scene(rng, split: str, n: int, cfg: TaskConfig, plain: float = 0.0) -> Scene:
+    """A scene whose backgrounds are, with probability ``plain`` each, flat noisy grey instead of
+    a photo (curriculum: perception is learned on plain backgrounds first, OFFLINE.md)."""
+    scene = Scene(rng, split, n, cfg.image_size, cfg.target_size, cfg.difficulty)
+    for k in range(n):
+        if rng.random() < plain:
+            level = int(rng.integers(40, 216))
+            noise = rng.integers(-12, 13, size=(cfg.image_size[1], cfg.image_size[0], 1))
+            flat = np.clip(level + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
+            scene.images[k] = Image.fromarray(flat)
+            scene.backgrounds[k] = "plain"
+    return scene
 
 
 def _sample(kind: str, scene: Scene, question: str, answer: str, index: int) -> Sample:
@@ -107,8 +118,8 @@ def _size(rng, sizes) -> int | None:
     return None if sizes is None else int(rng.integers(sizes[0], sizes[1] + 1))
 
 
-def _single(kind: str, rng, split, cfg, index, sizes=None) -> PretrainExample:
-    scene = _scene(rng, split, 1, cfg)
+def _single(kind: str, rng, split, cfg, index, sizes=None, plain=0.0) -> PretrainExample:
+    scene = _scene(rng, split, 1, cfg, plain)
     if kind == "digit":
         d = int(rng.integers(10))
         scene.add_digit(0, d)
@@ -132,9 +143,9 @@ def _single(kind: str, rng, split, cfg, index, sizes=None) -> PretrainExample:
     )
 
 
-def _label(rng, split, cfg, index, sizes=None) -> PretrainExample:
+def _label(rng, split, cfg, index, sizes=None, plain=0.0) -> PretrainExample:
     n = int(rng.integers(cfg.n_images[0], cfg.n_images[1] + 1))
-    scene = _scene(rng, split, n, cfg)
+    scene = _scene(rng, split, n, cfg, plain)
     for k in range(n):
         if rng.random() < 0.75:
             scene.add_shape(k, *pick_target(rng), size=_size(rng, sizes))
@@ -218,6 +229,7 @@ def pretrain_example(
     tool_frac: float = 0.3,
     split: str = "train",
     sizes: tuple[int, int] | None = None,
+    plain: float = 0.0,
 ) -> PretrainExample:
     """Example ``index`` of the pretraining stream (pure function of its arguments).
 
@@ -232,13 +244,14 @@ def pretrain_example(
         sizes: side range in pixels of the described shapes in perception/label examples
             (the curriculum starts with shapes far larger than ``cfg.target_size`` allows);
             ``None`` uses ``cfg.target_size``.
+        plain: probability that each background of a perception/label example is flat grey.
     """
     rng = np.random.default_rng([seed, 7, index])
     kind = KINDS[int(rng.choice(len(KINDS), p=(mix or Mix()).probs()))]
     if kind in ("colour", "shape", "present", "digit"):
-        return _single(kind, rng, split, cfg, index, sizes)
+        return _single(kind, rng, split, cfg, index, sizes, plain)
     if kind == "label":
-        return _label(rng, split, cfg, index, sizes)
+        return _label(rng, split, cfg, index, sizes, plain)
     if kind in ("locate", "restate"):
         return _tool_example(kind, rng, split, cfg, index, frame)
     return _format(rng, split, cfg, index, frame, tool_frac)
