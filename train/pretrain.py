@@ -95,7 +95,7 @@ class PretrainConfig:
     spec: TinySpec = RELOOK_TINY_SPEC
 
 
-class _Teacher:
+class TeacherGenerator:
     """Scripted generator: episode i emits ``scripts[i]`` turn by turn, each + ``<|im_end|>``."""
 
     def __init__(self, tokenizer, scripts: list[list[str]]):
@@ -123,7 +123,7 @@ def transcripts(policy: Policy, examples: list[PretrainExample]):
         )
         agent = Agent(policy.tokenizer, policy.image_processor, cfg)
         trajs += rollout(
-            agent, _Teacher(policy.tokenizer, [list(ex.script)]), [ex.sample], group_size=1
+            agent, TeacherGenerator(policy.tokenizer, [list(ex.script)]), [ex.sample], group_size=1
         )
     return trajs
 

@@ -14,18 +14,18 @@ Loss: token-mean negative log-likelihood over tokens the policy would have sampl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import trange
 
+from agent.data.pretrain import random_answer, random_tool_call
 from agent.data.tasks import TaskConfig, generate_one
 from agent.modeling import Policy
-from agent.rollout import Agent, AgentConfig, GenResult, rollout
-from agent.tools import ImageFrame
+from agent.rollout import Agent, AgentConfig, rollout
 from train.batching import loss_weights, token_log_probs
+from train.pretrain import TeacherGenerator
 
 THOUGHTS = (
     "I look at the images.",
@@ -56,52 +56,6 @@ class WarmupConfig:
     data_seed: int = 1000
 
 
-def _random_answer(sample, rng: np.random.Generator) -> str:
-    n = len(sample.images)
-    if sample.answer_type == "index":
-        return str(rng.integers(1, n + 1))
-    if sample.answer_type == "int":
-        return str(rng.integers(0, n + 1))
-    return str(rng.integers(0, 10))
-
-
-def _tool_call(sample, rng: np.random.Generator, frame: ImageFrame) -> str:
-    n = len(sample.images)
-    if rng.random() < 0.5:
-        k = sorted(
-            rng.choice(
-                np.arange(1, n + 1), size=int(rng.integers(1, n + 1)), replace=False
-            ).tolist()
-        )
-        call = {"name": "reflect", "arguments": {"images": k}}
-    else:
-        k = int(rng.integers(1, n + 1))
-        w, h = frame.size(sample.images[k - 1])
-        bw, bh = int(rng.integers(w // 4, w // 2 + 1)), int(rng.integers(h // 4, h // 2 + 1))
-        x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
-        call = {"name": "confirm", "arguments": {"image": k, "bbox_2d": [x, y, x + bw, y + bh]}}
-    return f"<tool_call>{json.dumps(call)}</tool_call>"
-
-
-class _Teacher:
-    """A scripted generator: episode i emits ``scripts[i]`` turn by turn (ids + end token)."""
-
-    def __init__(self, tokenizer, scripts: list[list[str]]):
-        self.tokenizer, self.scripts = tokenizer, scripts
-        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.episode_of: dict[int, int] = {}
-
-    def generate(self, requests, max_new_tokens, temperature):
-        out = []
-        for req in requests:
-            i = self.episode_of.setdefault(id(req.token_ids), len(self.episode_of))
-            ids = self.tokenizer.encode(self.scripts[i].pop(0), add_special_tokens=False) + [
-                self.eos
-            ]
-            out.append(GenResult(ids, [0.0] * len(ids), True))
-        return out
-
-
 def warmup(
     policy: Policy, cfg: WarmupConfig, tasks: TaskConfig | None = None, progress: bool = True
 ) -> list[float]:
@@ -125,15 +79,15 @@ def warmup(
         for i in range(cfg.batch):
             sample = generate_one("train", step * cfg.batch + i, cfg.data_seed, tasks)
             think = f"<think>{THOUGHTS[rng.integers(len(THOUGHTS))]}</think>"
-            answer = f"<think>{THOUGHTS[rng.integers(len(THOUGHTS))]}</think><answer>{_random_answer(sample, rng)}</answer>"
+            answer = f"<think>{THOUGHTS[rng.integers(len(THOUGHTS))]}</think><answer>{random_answer(sample, rng)}</answer>"
             use_agent = (
                 no_tools if i % 4 == 3 else agent
             )  # both prompt variants (tools advertised or not)
             script = [answer]
             if use_agent is agent and rng.random() < cfg.tool_frac:
-                script = [think + _tool_call(sample, rng, agent.frame), answer]
+                script = [think + random_tool_call(sample, rng, agent.frame), answer]
             trajs += rollout(
-                use_agent, _Teacher(policy.tokenizer, [script]), [sample], group_size=1
+                use_agent, TeacherGenerator(policy.tokenizer, [script]), [sample], group_size=1
             )
         weights = [loss_weights(t, mask_tokens=True, mask_trajectories=False) for t in trajs]
         n_tokens = float(sum(w.sum() for w in weights))

@@ -182,7 +182,9 @@ def _tool_example(kind: str, rng, split, cfg, index, frame) -> PretrainExample:
     )
 
 
-def _random_call(sample: Sample, rng, frame) -> str:
+def random_tool_call(sample: Sample, rng: np.random.Generator, frame) -> str:
+    """A syntactically valid random ``reflect`` (random image subset) or ``confirm`` (random box of
+    a quarter to half the model-frame side) call, wrapped in ``<tool_call>`` tags."""
     n = len(sample.images)
     if rng.random() < 0.5:
         ks = sorted(
@@ -216,7 +218,7 @@ def _format(rng, split, cfg, index, frame, tool_frac: float) -> PretrainExample:
     answer = f"{_think(rng)}<answer>{random_answer(sample, rng)}</answer>"
     script = (answer,)
     if tools and rng.random() < tool_frac:
-        script = (_think(rng) + _random_call(sample, rng, frame), answer)
+        script = (_think(rng) + random_tool_call(sample, rng, frame), answer)
     return PretrainExample("format", sample, tools, script)
 
 
@@ -263,6 +265,7 @@ __all__ = [
     "PretrainExample",
     "pretrain_example",
     "random_answer",
+    "random_tool_call",
     "COLOURS",
     "SHAPES",
 ]
