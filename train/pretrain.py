@@ -51,8 +51,9 @@ class PretrainConfig:
         steps: optimizer steps.
         batch: examples per step.
         lr: AdamW peak learning rate (linear warm-up, cosine decay to 10%).
-        vision_lr_mult: learning-rate multiplier of the vision tower (its gradients are orders
-            of magnitude smaller than the language model's at random init).
+        vision_lr_mult: learning-rate multiplier of the vision tower. Measured: with 5 (and 20)
+            no perception emerged in 300-900 steps; with 1, colour on flat backgrounds reached
+            62% by step ~700.
         warmup_steps: linear warm-up steps.
         weight_decay: AdamW weight decay.
         seed: seed of weights, data stream and sampling.
@@ -77,7 +78,7 @@ class PretrainConfig:
     steps: int = 3000
     batch: int = 16
     lr: float = 1e-3
-    vision_lr_mult: float = 5.0
+    vision_lr_mult: float = 1.0
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
