@@ -24,8 +24,6 @@ from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 
-import tyro
-
 from analysis.rundir import atomic_write_json
 from experiments.grids import GRIDS, grid_arms
 from train.config import ArmConfig
@@ -317,14 +315,6 @@ def _link_latest(run: Path) -> None:
 
 
 if __name__ == "__main__":
-    from analysis.rundir import RunDirError
+    from experiments.cli import run_cli
 
-    try:
-        main(tyro.cli(AblateArgs))
-    except (
-        FileNotFoundError,
-        ValueError,
-        RunDirError,
-    ) as exc:  # bad input: a message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, AblateArgs)

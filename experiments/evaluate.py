@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import tyro
 
 
 @dataclass
@@ -86,8 +83,6 @@ def main(args: EvaluateArgs) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(EvaluateArgs))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from experiments.cli import run_cli
+
+    run_cli(main, EvaluateArgs)

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import tyro
 
 
 @dataclass
@@ -49,8 +46,6 @@ def main(args: ProbeArgs) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(ProbeArgs))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from experiments.cli import run_cli
+
+    run_cli(main, ProbeArgs)

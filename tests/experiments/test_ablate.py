@@ -127,3 +127,13 @@ def test_evaluate_cli_writes_summary(tmp_path, tiny_dir):
     assert {"tool_call_rate", "tool_calls", "answer_rate"} <= set(saved)
     with pytest.raises(ValueError, match="--split"):
         evaluate.main(evaluate.EvaluateArgs(model=str(tiny_dir), out=out, split="val"))
+
+
+def test_cli_bad_input_exits_2_with_message(monkeypatch, capsys):
+    from experiments.cli import run_cli
+
+    monkeypatch.setattr("sys.argv", ["ablate", "--grid", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(ablate.main, ablate.AblateArgs)
+    assert exit_info.value.code == 2
+    assert "error: unknown grid 'nope'" in capsys.readouterr().err
