@@ -315,6 +315,30 @@ class Policy:
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 
+RELOOK_TINY = "relook-tiny"
+"""Name of relook's default base model, the committed checkpoint in :data:`RELOOK_TINY_DIR`."""
+
+RELOOK_TINY_DIR = Path(__file__).resolve().parents[1] / "models" / "relook-tiny"
+"""``models/relook-tiny`` of the repository: a Qwen2.5-VL pretrained on CPU by
+``python -m train.pretrain`` (its ``README.md`` is the model card with the rebuild command)."""
+
+
+def resolve_model(model: str | Path) -> str:
+    """Map the name ``relook-tiny`` to the committed checkpoint; any other value is returned as is.
+
+    Raises:
+        FileNotFoundError: ``relook-tiny`` was asked for but ``models/relook-tiny`` is missing
+            (for example in a wheel install); the message gives the command that rebuilds it.
+    """
+    if str(model) != RELOOK_TINY:
+        return str(model)
+    if not (RELOOK_TINY_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"relook-tiny is not at {RELOOK_TINY_DIR} (it ships with the git repository); "
+            "rebuild it with the command in its model card, or pass a checkpoint directory"
+        )
+    return str(RELOOK_TINY_DIR)
+
 
 def load_policy(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
@@ -323,7 +347,8 @@ def load_policy(
 
     Args:
         path: local directory holding ``config.json``, weights, tokenizer and
-            ``preprocessor_config.json`` (or a hub id for users with network access).
+            ``preprocessor_config.json`` (or a hub id for users with network access), or
+            ``"relook-tiny"`` for the committed default base model (:func:`resolve_model`).
         attn_implementation: ``"sdpa"`` or ``"eager"`` (any transformers attention backend).
         dtype: parameter dtype.
 
@@ -335,6 +360,7 @@ def load_policy(
         ValueError: the directory lacks a readable config, weights, tokenizer or image processor,
             or holds a model family relook has no support for; the message names the path.
     """
+    path = resolve_model(path)
     p = Path(path)
     looks_local = p.exists() or str(path).startswith((".", "/", "~")) or p.parent != Path(".")
     if looks_local and not p.exists():

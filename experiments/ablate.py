@@ -6,8 +6,9 @@ offline test split, and attention replay of held-out trajectories; everything go
 directory (DESIGN.md decision 5) that the Streamlit app and the figure scripts read.
 
 Examples:
-    python -m experiments.ablate                         # default grid, tiny model, ~10 min on 2 cores
+    python -m experiments.ablate                         # default grid on relook-tiny, 2 cores
     python -m experiments.ablate --grid smoke --out runs/smoke
+    python -m experiments.ablate --grid smoke --model random   # untrained tiny model (tests)
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
 """
 
@@ -28,6 +29,9 @@ from analysis.rundir import atomic_write_json
 from experiments.grids import GRIDS, grid_arms
 from train.config import ArmConfig
 
+RANDOM_MODEL = "random"
+"""``--model random``: a random-weight tiny model with the format warm-up only."""
+
 
 @dataclass
 class AblateArgs:
@@ -37,8 +41,10 @@ class AblateArgs:
         grid: grid name (``default``: base + 4 arms x 40 steps; ``smoke``: the same arms, 2 steps).
         out: run directory; default ``runs/ablate-<grid>-<time>`` (``runs/latest`` links to it).
             An existing run directory of the same grid is resumed: complete arms are skipped.
-        model: base checkpoint directory (Qwen2.5-VL / Qwen2-VL) or hub id; empty builds a
-            random-weight tiny Qwen2.5-VL into ``<out>/base_model``.
+        model: base checkpoint directory (Qwen2.5-VL / Qwen2-VL) or hub id; ``relook-tiny``
+            (default) is the committed pretrained tiny base (``models/relook-tiny``);
+            ``random`` builds a random-weight tiny Qwen2.5-VL with only the format warm-up into
+            ``<out>/base_model`` (no perception: for tests and null baselines).
         seeds: seeds; each arm runs once per seed.
         arms: subset of arms (default all of ``base full tools_none masks_off gain0``).
         steps: override the grid's GRPO steps (0 keeps them).
@@ -49,7 +55,7 @@ class AblateArgs:
 
     grid: str = "default"
     out: Path | None = None
-    model: str = ""
+    model: str = "relook-tiny"
     seeds: tuple[int, ...] = (0,)
     arms: tuple[str, ...] = ()
     steps: int = 0
@@ -184,21 +190,21 @@ def _with_temperature(agent_cfg, temperature: float):
 def _base_model(run: Path, model: str, warmup_cfg, progress: bool = True) -> str:
     """The base checkpoint every arm starts from.
 
-    With ``model`` given, that checkpoint (already checked to load by :func:`main`). Without,
-    a tiny Qwen2.5-VL is built from random weights and given the format warm-up
+    With a checkpoint (or ``relook-tiny``), that checkpoint (already checked to load by
+    :func:`main`). With ``random``, a tiny Qwen2.5-VL is built from random weights and given the format warm-up
     (:mod:`train.warmup`: turn format and tool-call syntax with random answers, no task
     knowledge), then saved to ``<run>/base_model``; an existing one is reused on resume.
     """
-    from agent.modeling import build_tiny_model, load_policy
+    from agent.modeling import build_tiny_model, load_policy, resolve_model
 
-    if model:
-        return model
+    if model != RANDOM_MODEL:
+        return resolve_model(model)
     base = run / "base_model"
     if not (base / "relook_warmup.json").is_file():
         from train.warmup import warmup
 
         print(
-            "No --model given: building a tiny Qwen2.5-VL from random weights + format warm-up (no task knowledge)."
+            "--model random: building a tiny Qwen2.5-VL from random weights + format warm-up (no task knowledge)."
         )
         build_tiny_model(base, seed=0)
         policy = load_policy(base)
@@ -255,7 +261,7 @@ def main(args: AblateArgs) -> Path:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet_transformers()
     configs = grid_arms(args.grid, args.seeds, args.arms, args.model, args.steps)
-    if args.model:
+    if args.model != RANDOM_MODEL:
         from agent.modeling import load_policy
 
         load_policy(args.model)  # fail early, naming the directory, before anything is written

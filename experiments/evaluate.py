@@ -18,7 +18,7 @@ class EvaluateArgs:
     """Evaluate a Qwen2.5-VL / Qwen2-VL checkpoint on the offline task set.
 
     Attributes:
-        model: checkpoint directory (or hub id).
+        model: checkpoint directory (or hub id); ``relook-tiny`` is the committed base.
         out: JSON file to write (overall and per-family accuracy, tool-call rates).
         split: generated split (``test`` uses held-out backgrounds and digits).
         n: questions to generate.
@@ -30,8 +30,8 @@ class EvaluateArgs:
         difficulty: generator difficulty in [0, 1].
     """
 
-    model: str
     out: Path
+    model: str = "relook-tiny"
     split: str = "test"
     n: int = 40
     seed: int = 1

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from agent.rollout import Agent, AgentConfig, GenResult, rollout
 from agent.tools import ImageFrame
 from train.batching import batch_inputs, batch_weights, batched_token_log_probs, loss_weights
 
-STAGE1_MIX = Mix(colour=1, shape=1, present=0, digit=0, label=0, locate=0, restate=0, format=0)
+STAGE1_MIX = Mix(colour=1, shape=1, present=0.5, digit=0.5, label=0, locate=0, restate=0, format=0)
 RELOOK_TINY_SPEC = TinySpec(
     text_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=384,
     vision_depth=3, vision_hidden=128, vision_heads=4, patch_size=14, merge_size=2,
@@ -58,14 +58,20 @@ class PretrainConfig:
         weight_decay: AdamW weight decay.
         seed: seed of weights, data stream and sampling.
         ramp_frac: share of the steps over which difficulty goes 0 -> 1.
-        target_size: pixel range of pasted targets in 224 px images at the end of the ramp.
-        size_start: pixel range of described shapes at step 0 (interpolated to
-            ``target_size`` over the ramp): perception is learned on large objects first.
-        plain_start: share of flat grey backgrounds at step 0, falling to 0 over the ramp.
-        stage1_steps: perception warm-up before the ramp: colour and shape questions only, flat
-            backgrounds, ``size_start`` shapes, no tools advertised (colour on plain backgrounds
-            was learned in ~150 steps this way, and not at all when mixed from the start).
-        mix: example-kind weights.
+        target_size: pixel range (in the 224 px scene) of distractors and of the objects of
+            evaluation-style (``format``) and tool examples, as in the evaluation tasks.
+        size_start: pixel range of the described object (shape or digit) of perception and
+            label examples during stage 1; interpolated to ``size_end`` over the ramp.
+        size_end: that range after the ramp. It spans large to small objects, so that the
+            model keeps perceiving large ones (the easiest probe scale, 80-112 px) while
+            learning small ones (the processor shows the model 224 px scenes at 112 px).
+        plain_start: share of flat grey backgrounds of perception and label examples during
+            stage 1, falling to 0 over the ramp.
+        stage1_steps: perception warm-up before the ramp: ``stage1_mix`` kinds only, flat
+            backgrounds, ``size_start`` objects (colour on plain backgrounds was learned in ~150
+            steps this way; on photos from the start it took ~800).
+        stage1_mix: example-kind weights of stage 1.
+        mix: example-kind weights after stage 1.
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
         save_every: steps between resumable checkpoints.
         eval_every: steps between probe evaluations (0: only at the end).
@@ -85,8 +91,10 @@ class PretrainConfig:
     ramp_frac: float = 0.6
     target_size: tuple[int, int] = (20, 56)
     size_start: tuple[int, int] = (100, 180)
+    size_end: tuple[int, int] = (20, 112)
     plain_start: float = 1.0
-    stage1_steps: int = 400
+    stage1_steps: int = 500
+    stage1_mix: Mix = STAGE1_MIX
     mix: Mix = field(default_factory=Mix)
     tool_frac: float = 0.3
     save_every: int = 250
@@ -147,11 +155,25 @@ def _difficulty(step: int, cfg: PretrainConfig) -> float:
 
 
 def _sizes(step: int, cfg: PretrainConfig) -> tuple[int, int]:
-    """Curriculum of described-shape sizes: ``size_start`` -> ``target_size`` over the ramp."""
+    """Curriculum of described-object sizes: ``size_start`` -> ``size_end`` over the ramp."""
     f = _difficulty(step, cfg)
-    lo = round(cfg.size_start[0] + f * (cfg.target_size[0] - cfg.size_start[0]))
-    hi = round(cfg.size_start[1] + f * (cfg.target_size[1] - cfg.size_start[1]))
+    lo = round(cfg.size_start[0] + f * (cfg.size_end[0] - cfg.size_start[0]))
+    hi = round(cfg.size_start[1] + f * (cfg.size_end[1] - cfg.size_start[1]))
     return lo, max(lo, hi)
+
+
+def curriculum(step: int, cfg: PretrainConfig) -> tuple[TaskConfig, tuple[int, int], float, Mix]:
+    """The data settings of optimizer step ``step`` (0-based).
+
+    Returns:
+        ``(tasks, sizes, plain, mix)``: scene settings (``difficulty`` in [0, 1]), the described
+        objects' side range in pixels, the share of flat backgrounds, and the kind weights
+        (``stage1_mix`` before ``stage1_steps``, then ``mix``).
+    """
+    tasks = TaskConfig(target_size=cfg.target_size, difficulty=_difficulty(step, cfg))
+    plain = cfg.plain_start * (1.0 - tasks.difficulty)
+    mix = cfg.stage1_mix if step < cfg.stage1_steps else cfg.mix
+    return tasks, _sizes(step, cfg), plain, mix
 
 
 def _schedule(cfg: PretrainConfig):
@@ -252,13 +274,18 @@ def pretrain(
         total=cfg.steps,
     )
     for step in bar:
-        tasks = TaskConfig(target_size=cfg.target_size, difficulty=_difficulty(step, cfg))
-        sizes = _sizes(step, cfg)
-        plain = cfg.plain_start * (1.0 - _difficulty(step, cfg))
+        tasks, sizes, plain, mix = curriculum(step, cfg)
         examples = [
             pretrain_example(
-                step * cfg.batch + i, cfg.seed, tasks, frame, cfg.mix, cfg.tool_frac, sizes=sizes
-            )
+                step * cfg.batch + i,
+                cfg.seed,
+                tasks,
+                frame,
+                mix,
+                cfg.tool_frac,
+                sizes=sizes,
+                plain=plain,
+            )  # fmt: skip
             for i in range(cfg.batch)
         ]
         trajs = transcripts(policy, examples)
@@ -283,6 +310,7 @@ def pretrain(
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             model.eval()
             row["probe/perception"] = probes.perception(policy, n=32)
+            row["probe/perception_medium"] = probes.perception(policy, n=32, target_size=(40, 56))
             model.train()
         log.write(json.dumps(row) + "\n")
         log.flush()
@@ -292,41 +320,210 @@ def pretrain(
             return policy
     model.eval()
     _save_model(policy, out)
-    (out / "relook_pretrain.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+    record = {
+        **_jsonable(asdict(cfg)),
+        "rebuild_command": rebuild_command(cfg),
+        "wall_s": time.perf_counter() - t0,
+    }
+    (out / "relook_pretrain.json").write_text(json.dumps(record, indent=1))
     if probe:
         write_model_card(policy, cfg, out, wall_s=time.perf_counter() - t0)
     return policy
 
 
+def rebuild_command(cfg: PretrainConfig) -> str:
+    """The ``python -m train.pretrain`` command line that spells out every field of ``cfg``
+    (nested ``mix``, ``stage1_mix`` and ``spec`` included), so that defaults changing later
+    cannot change what it rebuilds. ``resume`` is left out."""
+
+    def flags(obj, prefix: str = "") -> list[str]:
+        out = []
+        for f in fields(obj):
+            v, name = getattr(obj, f.name), prefix + f.name.replace("_", "-")
+            if f.name == "resume":
+                continue
+            if is_dataclass(v):
+                out += flags(v, f"{name}.")
+            elif isinstance(v, bool):
+                out.append(f"--{name}" if v else f"--no-{name}")
+            elif isinstance(v, (tuple, list)):
+                out.append(f"--{name} " + " ".join(str(x) for x in v))
+            else:
+                out.append(f"--{name} {v}")
+        return out
+
+    return "python -m train.pretrain " + " ".join(flags(cfg))
+
+
+def _table(rows: dict[str, dict], cols: list[str]) -> list[str]:
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [
+            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: int) -> str:
+    """The ``README.md`` model card of a pretrained relook-tiny.
+
+    Args:
+        cfg: the :class:`PretrainConfig` as saved in ``relook_pretrain.json``.
+        probe: the held-out probe results (:func:`train.probes.all_probes`, plus the
+            ``attention`` section of ``experiments.probe`` when present).
+        wall_s: pretraining wall time in seconds (None: unknown).
+        n_params: parameter count.
+    """
+    wall = "unknown" if wall_s is None else f"{wall_s / 60:.1f} min"
+    lines = [
+        "# relook-tiny",
+        "",
+        f"A {n_params / 1e6:.2f} M-parameter Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, "
+        f"{cfg['spec']['text_layers']} text layers of width {cfg['spec']['hidden']}, "
+        f"{cfg['spec']['vision_depth']} vision blocks of width {cfg['spec']['vision_hidden']}, "
+        "1,024-token byte-level BPE) pretrained from random weights on CPU by relook's "
+        "`python -m train.pretrain`. The image processor shows 224 px scenes at 112 px "
+        "(16 image tokens per image). It is relook's default base model: "
+        "`experiments.ablate` and `experiments.evaluate` load it as `relook-tiny`.",
+        "",
+        "## Data and curriculum",
+        "",
+        "Teacher-forced agent transcripts from `agent/data/pretrain.py`, rendered by relook's own "
+        "agent loop (same token ids, image tokens and tool observations as at RL time):",
+        "colour, shape, presence and MNIST-digit questions about one image; image-index grounding "
+        '("What does image 2 show?"); generic `confirm` (zoom in and describe) and `reflect` '
+        "(look again and restate) uses; evaluation-style questions only with **randomly drawn** "
+        "answers (and sometimes a random valid tool call first), so the base knows the answer "
+        "space and the protocol but was never shown when a tool helps or how a family is solved.",
+        "",
+        f"- Stage 1 ({cfg['stage1_steps']} steps): kinds `{cfg['stage1_mix']}`, flat grey "
+        f"backgrounds, objects of {cfg['size_start'][0]}-{cfg['size_start'][1]} px in 224 px scenes.",
+        f"- Ramp (over {cfg['ramp_frac']:.0%} of the remaining steps): difficulty 0 -> 1 "
+        "(opacity, outline, ink contrast), flat backgrounds -> real photographs from packages, "
+        f"objects -> {cfg['size_end'][0]}-{cfg['size_end'][1]} px; kinds `{cfg['mix']}`.",
+        f"- {cfg['steps']} steps of {cfg['batch']} transcripts, AdamW lr {cfg['lr']} "
+        f"(warm-up {cfg['warmup_steps']}, cosine to 10%), seed {cfg['seed']}; wall time {wall} "
+        "on one core of the 2-core CPU machine. Per-step loss and probes: `log.jsonl`; "
+        "configuration: `relook_pretrain.json`.",
+        "",
+        "Rebuild bit-for-bit (same machine kind, `OMP_NUM_THREADS=1`):",
+        "",
+        "```",
+        cfg.get("rebuild_command", "(see relook_pretrain.json)"),
+        "python -m experiments.probe --model <out> --out <out>/probe.json --card",
+        "```",
+        "",
+        "## Held-out probes",
+        "",
+        "Test split: backgrounds and MNIST digits never seen in training; greedy decoding.",
+        "Single-image perception (accuracy; chance: colour 0.17, shape 0.25, present 0.5, digit 0.1):",
+        "",
+    ]
+    scales = {
+        "easiest: 80-112 px, difficulty 0": probe["perception_easiest"],
+        "medium: 40-56 px, difficulty 0": probe["perception_medium"],
+        "hardest: 20-30 px, difficulty 1": probe["perception_hardest"],
+    }
+    lines += _table(scales, ["colour", "shape", "present", "digit"])
+    fam = probe["families_without_tools"]
+    lines += [
+        "",
+        f"Evaluation families without tools ({fam['n']} questions, 2-4 images, difficulty 0.5): "
+        f"accuracy {fam['accuracy']:.2f}, answer rate {fam['answer_rate']:.2f}.",
+        "",
+    ]
+    lines += _table({"accuracy": fam["per_family"]}, sorted(fam["per_family"]))
+    lines += ["", "Per target size (the target object's side in the 224 px scene):", ""]
+    lines += _table({"accuracy": fam["per_size"]}, list(fam["per_size"]))
+    first = probe["first_turn_with_tools"]
+    lines += [
+        "",
+        f"Sampled (T=1) first turns with tools advertised ({first['n']} questions): "
+        f"{first['tool_call']:.2f} contain a valid tool call; of the others, "
+        f"{first['answer']:.2f} give a valid answer.",
+    ]
+    if "attention" in probe:
+        lines += [
+            "",
+            "## Attention of the base model",
+            "",
+            "Image share = attention mass of a generated token on all image tokens (mean over "
+            "layers and heads, then over episodes), sampled episodes (T=1) with tools advertised, "
+            "by generated-token index:",
+            "",
+        ]
+        att = probe["attention"]
+        bins = [r["tokens"] for r in att["multi"]["curve"]]
+        for r in att["single"]["curve"]:
+            bins += [] if r["tokens"] in bins else [r["tokens"]]
+        rows = {
+            f"{k} ({v['n']} episodes)": {r["tokens"]: r["image_share"] for r in v["curve"]}
+            for k, v in att.items()
+        }
+        lines += _table(rows, bins)
+        lines += ["", "Before/after tool calls (8 tokens each side of the tool result):", ""]
+        lines += _table(
+            {k: v["before_after"] for k, v in att.items()}, ["n_events", "before", "after"]
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    """The :class:`PretrainConfig` saved in a model's ``relook_pretrain.json``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a pretraining config (names the file and the field).
+    """
+    raw = json.loads(Path(path).read_text())
+    known = {f.name for f in fields(PretrainConfig)}
+    try:
+        kw = {k: v for k, v in raw.items() if k in known}
+        for k in ("mix", "stage1_mix"):
+            kw[k] = Mix(**kw[k]) if k in kw else getattr(PretrainConfig, k, Mix())
+        if "spec" in kw:
+            kw["spec"] = TinySpec(**kw["spec"])
+        for k in ("target_size", "size_start", "size_end"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        kw["out"] = Path(kw.get("out", "."))
+        return PretrainConfig(**kw)
+    except TypeError as exc:
+        raise ValueError(f"{path} is not a relook pretraining config: {exc}") from exc
+
+
+def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) -> Path:
+    """(Re)write ``<model_dir>/README.md`` from its ``relook_pretrain.json``, ``log.jsonl`` (wall
+    time) and ``probe``; returns the card's path. ``out_name`` is the ``--out`` shown in the
+    rebuild command (default: ``model_dir``).
+
+    Raises:
+        FileNotFoundError: ``model_dir`` has no ``relook_pretrain.json``.
+    """
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    cfg = replace(load_config(model_dir / "relook_pretrain.json"), out=Path(out_name or model_dir))
+    saved = {**_jsonable(asdict(cfg)), "rebuild_command": rebuild_command(cfg)}
+    log = model_dir / "log.jsonl"
+    wall = json.loads(log.read_text().splitlines()[-1])["elapsed_s"] if log.is_file() else None
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+    card = model_dir / "README.md"
+    card.write_text(render_model_card(saved, probe, wall, n_params))
+    return card
+
+
 def write_model_card(policy: Policy, cfg: PretrainConfig, out: Path, wall_s: float) -> dict:
-    """Probe the model (held-out split) and write ``probe.json`` and a ``README.md`` model card."""
+    """Probe the model (held-out split) and write ``probe.json`` and the ``README.md`` card."""
     from train import probes
 
     result = probes.all_probes(policy, n=cfg.probe_n)
     (out / "probe.json").write_text(json.dumps(result, indent=1))
     n_params = sum(p.numel() for p in policy.model.parameters())
-    lines = [
-        "# relook-tiny",
-        "",
-        f"A {n_params / 1e6:.2f} M-parameter Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) pretrained from",
-        "random weights on CPU by `python -m train.pretrain` (relook). Data: `agent/data/pretrain.py`",
-        "(perception of colour, shape, presence and MNIST digits on real photos shipped in packages;",
-        "image-index grounding; turn format and generic reflect/confirm use; evaluation-style",
-        "questions only with randomly drawn answers). Curriculum: shapes from",
-        f"{cfg.size_start} px down to {cfg.target_size} px and difficulty 0 -> 1 over",
-        f"{cfg.ramp_frac:.0%} of {cfg.steps} steps (batch {cfg.batch}, lr {cfg.lr}, vision lr x{cfg.vision_lr_mult}).",
-        "",
-        f"Seed {cfg.seed}; wall time {wall_s / 60:.1f} min on this machine; config in `relook_pretrain.json`,",
-        "per-step loss in `log.jsonl`. Rebuild with the command in `relook_pretrain.json` defaults:",
-        f"`python -m train.pretrain --out {out} --seed {cfg.seed} --steps {cfg.steps}`.",
-        "",
-        "## Held-out probes (test split: backgrounds and digits never seen in training)",
-        "",
-        "```json",
-        json.dumps(result, indent=1),
-        "```",
-    ]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    saved = json.loads((out / "relook_pretrain.json").read_text())
+    (out / "README.md").write_text(render_model_card(saved, result, wall_s, n_params))
     return result
 
 

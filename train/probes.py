@@ -28,19 +28,23 @@ PERCEPTION_KINDS = ("colour", "shape", "present", "digit")
 
 
 def perception(
-    policy: Policy, n: int = 64, difficulty: float = 0.0, target_size=(40, 56), seed: int = 5
+    policy: Policy, n: int = 64, difficulty: float = 0.0, target_size=(80, 112), seed: int = 5
 ) -> dict[str, float]:
     """Greedy single-image accuracy per kind on held-out backgrounds/digits (fraction in [0, 1]).
 
-    ``difficulty`` 0 and ``target_size`` (40, 56) px in 224 px images is the easiest scale.
+    ``difficulty`` 0 (opaque, outlined, high-contrast ink) and ``target_size`` (80, 112) px in
+    224 px scenes is the easiest scale: the curriculum's end range (20-112 px) at its top.
     """
-    cfg = TaskConfig(image_size=(224, 224), target_size=target_size, difficulty=difficulty)
+    cfg = TaskConfig(image_size=(224, 224), difficulty=difficulty)
     frame = ImageFrame.from_processor(policy.image_processor)
     out = {}
     gen = make_generator(policy)
     for kind in PERCEPTION_KINDS:
         mix = Mix(**{k: float(k == kind) for k in Mix.__dataclass_fields__})
-        exs = [pretrain_example(i, seed, cfg, frame, mix, split="test") for i in range(n)]
+        exs = [
+            pretrain_example(i, seed, cfg, frame, mix, split="test", sizes=target_size)
+            for i in range(n)
+        ]
         agent = Agent(
             policy.tokenizer,
             policy.image_processor,
@@ -122,7 +126,8 @@ def first_turn_protocol(
 def all_probes(policy: Policy, n: int = 64) -> dict:
     """Every probe of this module (the numbers a relook-tiny model card reports)."""
     return {
-        "perception_easiest": perception(policy, n=n, difficulty=0.0, target_size=(40, 56)),
+        "perception_easiest": perception(policy, n=n, difficulty=0.0, target_size=(80, 112)),
+        "perception_medium": perception(policy, n=n, difficulty=0.0, target_size=(40, 56)),
         "perception_hardest": perception(policy, n=n, difficulty=1.0, target_size=(20, 30)),
         "families_without_tools": families_without_tools(policy, n=2 * n),
         "first_turn_with_tools": first_turn_protocol(policy, n=n),

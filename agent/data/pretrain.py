@@ -122,7 +122,7 @@ def _single(kind: str, rng, split, cfg, index, sizes=None, plain=0.0) -> Pretrai
     scene = _scene(rng, split, 1, cfg, plain)
     if kind == "digit":
         d = int(rng.integers(10))
-        scene.add_digit(0, d)
+        scene.add_digit(0, d, size=_size(rng, sizes))
         q, a, seen = "What digit is written in the image?", str(d), f"I see the digit {d}."
     elif kind == "present":
         colour, shape = pick_target(rng)

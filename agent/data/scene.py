@@ -101,7 +101,7 @@ class Scene:
         self.objects[k].append(obj)
         return box
 
-    def add_digit(self, k: int, digit: int) -> Box:
+    def add_digit(self, k: int, digit: int, size: int | None = None) -> Box:
         """Paste a real MNIST ``digit`` of this split into image k.
 
         Ink is black or white by the luminance under it (high contrast) with probability
@@ -110,14 +110,20 @@ class Scene:
         Args:
             k: 0-based image index.
             digit: 0-9.
+            size: Digit height in pixels (default: random in the target-size range).
 
         Returns:
             The (x1, y1, x2, y2) bbox in pixels; also recorded in ``objects[k]``.
         """
         strokes = _images.load_mnist(self.split)[digit]
         row = int(self.rng.integers(len(strokes)))
-        height = self.target_size()
+        height = self.target_size() if size is None else int(size)
+        width_max, height_max = self.image_size[0] - 8, self.image_size[1] - 8
+        height = min(height, height_max)
         patch = _render.digit_patch(strokes[row], height, INK_RGB["white"])
+        if patch.width > width_max:  # a wide digit at a large size: shrink to fit the image
+            height = max(4, height * width_max // patch.width)
+            patch = _render.digit_patch(strokes[row], height, INK_RGB["white"])
         xy = self._place(k, patch.size)
         box = (xy[0], xy[1], xy[0] + patch.width, xy[1] + patch.height)
         if self.rng.random() < self.difficulty:

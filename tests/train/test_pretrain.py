@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import torch
+import tyro
 from safetensors.torch import load_file
 
 from agent.data.pretrain import KINDS, Mix, pretrain_example, random_answer
 from agent.data.tasks import FAMILIES, TaskConfig
 from agent.modeling import TinySpec
 from agent.tools import ImageFrame
-from train.pretrain import PretrainConfig, pretrain
+from train.pretrain import (
+    STAGE1_MIX,
+    PretrainConfig,
+    curriculum,
+    load_config,
+    pretrain,
+    write_card,
+)
 
 FRAME = ImageFrame(14, 2, 56 * 56, 112 * 112)
 SMALL = TinySpec(
@@ -57,6 +66,39 @@ def test_no_example_solves_an_evaluation_family():
     assert all(random_answer(e.sample, rng).isdigit() for e in exs)
 
 
+def test_curriculum_stage1_then_ramp_to_photos_and_small_objects():
+    cfg = PretrainConfig(steps=1000, stage1_steps=200, ramp_frac=0.5)
+    tasks, sizes, plain, mix = curriculum(0, cfg)
+    assert (tasks.difficulty, sizes, plain, mix) == (0.0, cfg.size_start, 1.0, STAGE1_MIX)
+    tasks, sizes, plain, mix = curriculum(400, cfg)  # halfway through the 400-step ramp
+    assert tasks.difficulty == 0.5 and 0 < plain < 1 and mix == cfg.mix
+    assert cfg.size_end[1] < sizes[1] < cfg.size_start[1]
+    tasks, sizes, plain, mix = curriculum(999, cfg)
+    assert (tasks.difficulty, sizes, plain) == (1.0, cfg.size_end, 0.0)
+    # stage-1 examples: only perception kinds, flat backgrounds, large objects
+    t0, s0, p0, m0 = curriculum(0, cfg)
+    exs = [pretrain_example(i, 0, t0, FRAME, m0, sizes=s0, plain=p0) for i in range(40)]
+    assert {e.kind for e in exs} <= {"colour", "shape", "present", "digit"}
+    assert all(set(e.sample.meta["backgrounds"]) == {"plain"} for e in exs)
+    sides = [
+        max(o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1])
+        for e in exs
+        if e.kind != "present"  # its distractors keep the evaluation sizes
+        for objs in e.sample.meta["objects"]
+        for o in objs[:1]
+    ]
+    assert min(sides) >= 60  # shapes of 100-180 px; digits keep their aspect (>= 1/3 wide)
+
+
+def test_large_digits_fit_the_image():
+    cfg = TaskConfig(difficulty=0.0)
+    only_digit = Mix(**{k: float(k == "digit") for k in KINDS})
+    for i in range(200):
+        ex = pretrain_example(i, 1, cfg, FRAME, only_digit, sizes=(200, 260))
+        x1, y1, x2, y2 = ex.sample.meta["objects"][0][0]["bbox"]
+        assert 0 <= x1 < x2 <= 224 and 0 <= y1 < y2 <= 224
+
+
 def test_loss_falls_and_resume_is_exact(tmp_path):
     base = dict(
         steps=6, batch=4, lr=3e-3, warmup_steps=1, save_every=3, eval_every=0, spec=SMALL, probe_n=2
@@ -67,12 +109,28 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     card = json.loads((tmp_path / "full" / "probe.json").read_text())
     assert set(card) == {
         "perception_easiest",
+        "perception_medium",
         "perception_hardest",
         "families_without_tools",
         "first_turn_with_tools",
     }
     assert set(card["perception_easiest"]) == {"colour", "shape", "present", "digit"}
-    assert "Held-out probes" in (tmp_path / "full" / "README.md").read_text()
+    card_text = (tmp_path / "full" / "README.md").read_text()
+    assert "Held-out probes" in card_text and "python -m train.pretrain --out" in card_text
+    # the rebuild command spells out the whole config: parsed back, it is the same config
+    saved = json.loads((tmp_path / "full" / "relook_pretrain.json").read_text())
+    cmd = shlex.split(saved["rebuild_command"])
+    assert cmd[:3] == ["python", "-m", "train.pretrain"]
+    cfg = PretrainConfig(out=tmp_path / "full", **base)
+    assert (
+        tyro.cli(PretrainConfig, args=cmd[3:])
+        == cfg
+        == load_config(tmp_path / "full" / "relook_pretrain.json")
+    )
+    card = write_card(tmp_path / "full", {**card, "attention": _fake_attention()}, "models/x")
+    assert (
+        "--out models/x" in card.read_text() and "Attention of the base model" in card.read_text()
+    )
     assert np.mean([r["loss"] for r in log[-2:]]) < log[0]["loss"]
     # a run stopped after step 3 and resumed gives bit-identical weights
     pretrain(
@@ -91,3 +149,11 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
         assert torch.equal(p, q), n
     saved = load_file(tmp_path / "half" / "model.safetensors")
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
+
+
+def _fake_attention() -> dict:
+    row = {"n": 2, "curve": [{"tokens": "0-3", "image_share": 0.2, "n": 2}]}
+    return {
+        k: {**row, "before_after": {"n_events": 0, "before": 0.1, "after": 0.3}}
+        for k in ("single", "multi")
+    }
