@@ -90,7 +90,12 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """transformers ``generate`` backend (CPU or GPU), one sequence per call.
+    """transformers ``generate`` backend (CPU or GPU), up to ``batch_size`` sequences per call.
+
+    Requests are left-padded into batches (Qwen2.5-VL's rope index skips padding through the
+    attention mask); ``batch_size=1`` runs one unpadded sequence per call. Padding changes
+    floating-point sums, so batched and single-sequence log-probs agree to about 1e-5 nats, not
+    bit for bit; the trainer recomputes log-probs anyway (truncated IS corrects the gap).
 
     The four vision special tokens are suppressed at sampling time (OFFLINE.md: a young policy
     samples ``<|image_pad|>`` and the next forward fails). Sampling is from the full
@@ -102,6 +107,7 @@ class HFGenerator:
         pad_token_id: padding id.
         suppress_ids: token ids never to sample.
         image_token_id: ``<|image_pad|>`` id (for ``mm_token_type_ids``).
+        batch_size: most sequences per ``generate`` call.
     """
 
     def __init__(
@@ -111,28 +117,44 @@ class HFGenerator:
         pad_token_id: int,
         suppress_ids: list[int],
         image_token_id: int,
+        batch_size: int = 32,
     ):
         self.model = model
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.suppress = list(suppress_ids)
         self.image_token_id = image_token_id
+        self.batch_size = max(1, int(batch_size))
 
     @torch.no_grad()
     def generate(
         self, requests: list[GenRequest], max_new_tokens: int, temperature: float
     ) -> list[GenResult]:
-        return [self._one(r, max_new_tokens, temperature) for r in requests]
+        out: list[GenResult] = []
+        for i in range(0, len(requests), self.batch_size):
+            out += self._batch(requests[i : i + self.batch_size], max_new_tokens, temperature)
+        return out
 
-    def _one(self, req: GenRequest, max_new_tokens: int, temperature: float) -> GenResult:
-        ids = torch.tensor([req.token_ids], dtype=torch.long)
+    def _batch(
+        self, reqs: list[GenRequest], max_new_tokens: int, temperature: float
+    ) -> list[GenResult]:
+        width = max(len(r.token_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, r in enumerate(reqs):  # left padding: every row ends at the same position
+            ids[i, width - len(r.token_ids) :] = torch.tensor(r.token_ids, dtype=torch.long)
+            attention[i, width - len(r.token_ids) :] = 1
         kwargs = dict(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=(ids == self.image_token_id).to(torch.int32),
+            attention_mask=attention,
+            mm_token_type_ids=((ids == self.image_token_id) & (attention > 0)).to(torch.int32),
         )
-        if req.pixel_values is not None:
-            kwargs.update(pixel_values=req.pixel_values, image_grid_thw=req.image_grid_thw)
+        with_images = [r for r in reqs if r.pixel_values is not None]
+        if with_images:
+            kwargs.update(
+                pixel_values=torch.cat([r.pixel_values for r in with_images]),
+                image_grid_thw=torch.cat([r.image_grid_thw for r in with_images]),
+            )
         sample = temperature > 0
         out = self.model.generate(
             **kwargs,
@@ -147,13 +169,15 @@ class HFGenerator:
             output_scores=True,
             return_dict_in_generate=True,
         )
-        new = out.sequences[0, ids.shape[1] :].tolist()
-        log_probs = [
-            torch.log_softmax(score[0].float(), dim=-1)[tok].item()
-            for score, tok in zip(out.scores, new)
-        ]
-        finished = bool(new) and new[-1] == self.eos
-        return GenResult(new, log_probs, finished)
+        steps = torch.stack([torch.log_softmax(sc.float(), dim=-1) for sc in out.scores], 1)
+        results = []
+        for i in range(len(reqs)):
+            new = out.sequences[i, width:].tolist()
+            if self.eos in new:  # rows that ended early are padded after their end token
+                new = new[: new.index(self.eos) + 1]
+            lp = steps[i, torch.arange(len(new)), torch.tensor(new, dtype=torch.long)]
+            results.append(GenResult(new, lp.tolist(), bool(new) and new[-1] == self.eos))
+        return results
 
 
 class _Episode:

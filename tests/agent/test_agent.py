@@ -223,3 +223,29 @@ def test_agent_config_validation():
         AgentConfig(tools="all")
     with pytest.raises(ValueError, match="AgentConfig.max_turns"):
         AgentConfig(max_turns=0)
+
+
+def test_hf_generator_batches_left_padded_like_single_sequences(policy):
+    """Greedy turns of a left-padded batch (different lengths and image counts) are those of
+    one-at-a-time generation, with log-probs equal up to padding's float noise."""
+    from agent.rollout import GenRequest
+
+    agent = Agent(policy.tokenizer, policy.image_processor, AgentConfig(tools="both"))
+    tok = policy.tokenizer
+    args = (
+        policy.model,
+        tok.convert_tokens_to_ids("<|im_end|>"),
+        tok.pad_token_id,
+        policy.vision_token_ids,
+        tok.convert_tokens_to_ids("<|image_pad|>"),
+    )
+    reqs = []
+    for n in (2, 4, 3):
+        traj = agent.start(_sample(n_images=n), group=0)
+        inputs = traj.model_inputs(tok.convert_tokens_to_ids("<|image_pad|>"))
+        reqs.append(GenRequest(traj.token_ids, inputs["pixel_values"], inputs["image_grid_thw"]))
+    batched = HFGenerator(*args, batch_size=3).generate(reqs, 12, 0.0)
+    single = HFGenerator(*args, batch_size=1).generate(reqs, 12, 0.0)
+    for b, s in zip(batched, single):
+        assert b.token_ids == s.token_ids and b.finished == s.finished
+        assert torch.allclose(torch.tensor(b.log_probs), torch.tensor(s.log_probs), atol=1e-4)
