@@ -72,6 +72,8 @@ class PretrainConfig:
             steps this way; on photos from the start it took ~800).
         stage1_mix: example-kind weights of stage 1.
         mix: example-kind weights after stage 1.
+        family_answers: ``gold`` or ``random`` answers of the evaluation-family (``format``)
+            examples (:func:`agent.data.pretrain.pretrain_example`).
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
         save_every: steps between resumable checkpoints.
         eval_every: steps between probe evaluations (0: only at the end).
@@ -96,12 +98,22 @@ class PretrainConfig:
     stage1_steps: int = 500
     stage1_mix: Mix = STAGE1_MIX
     mix: Mix = field(default_factory=Mix)
+    family_answers: str = "gold"
     tool_frac: float = 0.3
     save_every: int = 250
     eval_every: int = 500
     resume: bool = False
     probe_n: int = 64
     spec: TinySpec = RELOOK_TINY_SPEC
+
+    def __post_init__(self):
+        from agent.data.pretrain import FAMILY_ANSWERS
+
+        if self.family_answers not in FAMILY_ANSWERS:
+            raise ValueError(
+                f"PretrainConfig.family_answers must be one of {FAMILY_ANSWERS}, "
+                f"got {self.family_answers!r}"
+            )
 
 
 class TeacherGenerator:
@@ -285,6 +297,7 @@ def pretrain(
                 cfg.tool_frac,
                 sizes=sizes,
                 plain=plain,
+                family_answers=cfg.family_answers,
             )  # fmt: skip
             for i in range(cfg.batch)
         ]
@@ -493,6 +506,18 @@ def load_config(path: str | Path) -> PretrainConfig:
         raise ValueError(f"{path} is not a relook pretraining config: {exc}") from exc
 
 
+def _wall_time(log: Path) -> float:
+    """Seconds of training in ``log.jsonl``: ``elapsed_s`` restarts at each resume, so the
+    segments' last values are summed."""
+    total, last = 0.0, 0.0
+    for line in log.read_text().splitlines():
+        elapsed = json.loads(line)["elapsed_s"]
+        if elapsed < last:  # a resumed segment starts
+            total += last
+        last = elapsed
+    return total + last
+
+
 def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) -> Path:
     """(Re)write ``<model_dir>/README.md`` from its ``relook_pretrain.json``, ``log.jsonl`` (wall
     time) and ``probe``; returns the card's path. ``out_name`` is the ``--out`` shown in the
@@ -507,7 +532,7 @@ def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) 
     cfg = replace(load_config(model_dir / "relook_pretrain.json"), out=Path(out_name or model_dir))
     saved = {**_jsonable(asdict(cfg)), "rebuild_command": rebuild_command(cfg)}
     log = model_dir / "log.jsonl"
-    wall = json.loads(log.read_text().splitlines()[-1])["elapsed_s"] if log.is_file() else None
+    wall = _wall_time(log) if log.is_file() else None
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     card = model_dir / "README.md"

@@ -4,10 +4,12 @@ These are **not** the evaluation families (``find``, ``count``, ``read``, ``comp
 they teach a base model to see (colour, shape, digit of one object), to ground image indices
 ("Image 2 shows ..."), and to speak the turn format and the tool-call syntax in generic uses
 (zoom in with ``confirm`` to describe an object; look again with ``reflect`` to restate an
-image). A small ``format`` share asks evaluation-style questions with a **randomly drawn**
-answer of the right type (and sometimes a random valid tool call first), so the base knows the
-answer space and the protocol but nothing about which answer is right or when a tool helps:
-that is left to RL, as in IMAgent's pure end-to-end RL from a pretrained base (METHOD.md 1).
+image). A small ``format`` share asks evaluation-family questions without tools, answered
+with the gold answer (default; a pretrained VLM answers such questions as well as its
+perception allows) or a randomly drawn one (``family_answers="random"``), and sometimes a
+**random** valid tool call first, so the base knows the answer space and the protocol but was
+never shown when or where a tool helps: that is left to RL, as in IMAgent's pure end-to-end RL
+from a pretrained base (METHOD.md 1).
 
 Every example is deterministic from ``(seed, index, step fraction)``.
 """
@@ -212,10 +214,17 @@ def random_answer(sample: Sample, rng: np.random.Generator) -> str:
     return str(rng.integers(0, 10))
 
 
-def _format(rng, split, cfg, index, frame, tool_frac: float) -> PretrainExample:
+FAMILY_ANSWERS = ("gold", "random")
+
+
+def _format(
+    rng, split, cfg, index, frame, tool_frac: float, family_answers: str = "gold"
+) -> PretrainExample:
     sample = tasks.generate_one(split, index, int(rng.integers(1 << 30)), cfg)
     tools = bool(rng.random() < 0.75)
-    answer = f"{_think(rng)}<answer>{random_answer(sample, rng)}</answer>"
+    think = _think(rng)
+    drawn = random_answer(sample, rng)  # drawn in both modes: the stream stays the same
+    answer = f"{think}<answer>{drawn if family_answers == 'random' else sample.answer}</answer>"
     script = (answer,)
     if tools and rng.random() < tool_frac:
         script = (_think(rng) + random_tool_call(sample, rng, frame), answer)
@@ -232,6 +241,7 @@ def pretrain_example(
     split: str = "train",
     sizes: tuple[int, int] | None = None,
     plain: float = 0.0,
+    family_answers: str = "gold",
 ) -> PretrainExample:
     """Example ``index`` of the pretraining stream (pure function of its arguments).
 
@@ -247,7 +257,17 @@ def pretrain_example(
             (the curriculum starts with shapes far larger than ``cfg.target_size`` allows);
             ``None`` uses ``cfg.target_size``.
         plain: probability that each background of a perception/label example is flat grey.
+        family_answers: answers of the ``format`` (evaluation-family) examples: ``"gold"``
+            (the base answers multi-image questions without tools as a pretrained VLM does,
+            with whatever its perception allows) or ``"random"`` (uniform over the answer
+            type: protocol only). Either way any tool call in them is drawn at random, never
+            informed by the question, so no example shows when or where a tool helps.
+
+    Raises:
+        ValueError: unknown ``family_answers``.
     """
+    if family_answers not in FAMILY_ANSWERS:
+        raise ValueError(f"family_answers must be one of {FAMILY_ANSWERS}, got {family_answers!r}")
     rng = np.random.default_rng([seed, 7, index])
     kind = KINDS[int(rng.choice(len(KINDS), p=(mix or Mix()).probs()))]
     if kind in ("colour", "shape", "present", "digit"):
@@ -256,7 +276,7 @@ def pretrain_example(
         return _label(rng, split, cfg, index, sizes, plain)
     if kind in ("locate", "restate"):
         return _tool_example(kind, rng, split, cfg, index, frame)
-    return _format(rng, split, cfg, index, frame, tool_frac)
+    return _format(rng, split, cfg, index, frame, tool_frac, family_answers)
 
 
 __all__ = [

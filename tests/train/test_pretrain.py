@@ -6,6 +6,7 @@ import json
 import shlex
 
 import numpy as np
+import pytest
 import torch
 import tyro
 from safetensors.torch import load_file
@@ -52,14 +53,25 @@ def test_examples_are_deterministic_and_cover_every_kind():
             assert x.tools and "<tool_call>" in x.script[0]
 
 
-def test_no_example_solves_an_evaluation_family():
-    """Only ``format`` examples ask evaluation-family questions, and their answers are random."""
+def test_no_example_shows_when_a_tool_helps():
+    """Only ``format`` examples ask evaluation-family questions; their tool calls are random
+    draws; their answers are gold or (``family_answers="random"``) at chance."""
     cfg = TaskConfig(difficulty=0.5)
     only_format = Mix(**{k: float(k == "format") for k in KINDS})
-    exs = [pretrain_example(i, 3, cfg, FRAME, only_format) for i in range(200)]
+    exs = [
+        pretrain_example(i, 3, cfg, FRAME, only_format, family_answers="random") for i in range(200)
+    ]
     assert {e.sample.family for e in exs} <= set(FAMILIES)
     hits = [e.script[-1].split("<answer>")[1].split("</answer>")[0] == e.sample.answer for e in exs]
     assert np.mean(hits) < 0.45  # chance level, not the gold
+    gold = [
+        pretrain_example(i, 3, cfg, FRAME, only_format, family_answers="gold") for i in range(200)
+    ]
+    assert all(g.script[-1].endswith(f"<answer>{g.sample.answer}</answer>") for g in gold)
+    # the tool calls before a family answer are the same random draws in both modes
+    assert [g.script[:-1] for g in gold] == [e.script[:-1] for e in exs]
+    with pytest.raises(ValueError, match="family_answers"):
+        PretrainConfig(family_answers="oracle")
     others = [pretrain_example(i, 3, cfg, FRAME) for i in range(200)]
     assert all(e.sample.family.startswith("pretrain:") for e in others if e.kind != "format")
     rng = np.random.default_rng(0)
