@@ -18,7 +18,7 @@ from tqdm.auto import trange
 from agent.data.tasks import TaskConfig, generate_one
 from agent.modeling import Policy
 from agent.rollout import Agent, Generator, HFGenerator, rollout
-from train.batching import loss_weights, token_log_probs
+from train.batching import batch_inputs, batched_token_log_probs, loss_weights
 from train.config import ArmConfig, DataConfig
 from train.core_algos import (
     agg_loss,
@@ -103,17 +103,19 @@ def train(
             rewards, torch.tensor([t.group for t in trajs]), g.scale_rewards
         )
         weights = [loss_weights(t, g.mask_tokens, g.mask_trajectories) for t in trajs]
-        inputs = [t.model_inputs(image_token_id) for t in trajs]
+        pad_id = policy.tokenizer.pad_token_id
         # Old log-probs: the trainer's, so the first mini-batch has ratio exactly 1
         with torch.no_grad():
-            old_lp = [token_log_probs(model, x) for x in inputs]
+            old_lp = _log_probs(model, trajs, image_token_id, pad_id, g.micro_batch)
             ref_lp = (
-                [token_log_probs(ref_model, x) for x in inputs] if ref_model is not None else None
+                _log_probs(ref_model, trajs, image_token_id, pad_id, g.micro_batch)
+                if ref_model is not None
+                else None
             )
         gap = _logprob_gap(trajs, old_lp)
         t_old = time.perf_counter()
         # Policy update
-        batch = _Batch(trajs, inputs, weights, advantages, old_lp, ref_lp)
+        batch = _Batch(trajs, weights, advantages, old_lp, ref_lp, image_token_id, pad_id)
         stats = _update(model, optimizer, scheduler, params, g, batch, shuffle)
         t_upd = time.perf_counter()
         # Metrics
@@ -146,73 +148,93 @@ def _logprob_gap(trajs, old_lp) -> float:
     return float(d.mean()) if d.numel() else 0.0
 
 
+def _log_probs(model, trajs, image_token_id: int, pad_id: int, micro_batch: int) -> list:
+    """Per-trajectory ``[pos]`` token log-probs (nats), ``micro_batch`` sequences per forward."""
+    out = []
+    for i in range(0, len(trajs), micro_batch):
+        sub = trajs[i : i + micro_batch]
+        lp = batched_token_log_probs(model, batch_inputs(sub, image_token_id, pad_id))
+        out += [lp[j, : len(t.token_ids)] for j, t in enumerate(sub)]
+    return out
+
+
+def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``[len(rows), width]`` right-padded with 0."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out
+
+
 @dataclass
 class _Batch:
-    """One step's rollout batch, per trajectory: inputs, ``[pos]`` weights and log-probs."""
+    """One step's rollout batch, per trajectory: ``[pos]`` weights and log-probs."""
 
     trajs: list
-    inputs: list[dict]
     weights: list[torch.Tensor]
     advantages: torch.Tensor
     old_lp: list[torch.Tensor]
     ref_lp: list[torch.Tensor] | None
+    image_token_id: int
+    pad_id: int
+
+
+def _accumulate(model, g, batch: _Batch, chunk: list[int], logs: dict) -> None:
+    """Backward of one mini-batch's loss (``chunk``: trajectory indices), ``g.micro_batch``
+    trajectories per forward; appends each micro-batch's contribution to ``logs``."""
+    weights, trajs = batch.weights, batch.trajs
+    n_tokens = float(sum(weights[i].sum() for i in chunk))
+    n_seqs = sum(float(weights[i].sum()) > 0 for i in chunk)
+    for k in range(0, len(chunk), g.micro_batch):
+        idx = chunk[k : k + g.micro_batch]
+        sub = [trajs[i] for i in idx]
+        width = max(len(t.token_ids) for t in sub)
+        lp = batched_token_log_probs(model, batch_inputs(sub, batch.image_token_id, batch.pad_id))
+        w = _pad([weights[i] for i in idx], width)
+        old = _pad([batch.old_lp[i] for i in idx], width)
+        isw = None
+        if g.tis_cap > 0:
+            rollout_lp = _pad([torch.tensor(trajs[i].rollout_log_probs) for i in idx], width)
+            isw = truncated_is_weights(old, rollout_lp, g.tis_cap)
+        loss, st = clipped_policy_loss(
+            lp,
+            old,
+            batch.advantages[idx],
+            w,
+            g.clip_eps_low,
+            g.clip_eps_high,
+            g.loss_agg,
+            n_tokens,
+            isw,
+        )
+        if g.loss_agg == "seq-mean-token-mean":  # from a mean over this micro-batch's sequences
+            loss = loss * sum(float(weights[i].sum()) > 0 for i in idx) / n_seqs
+        kl = None
+        if batch.ref_lp is not None:
+            ref = _pad([batch.ref_lp[i] for i in idx], width)
+            kl = agg_loss(kl_k3(lp, ref), w, "token-mean", n_tokens)
+        (loss + g.beta * kl if kl is not None else loss).backward()
+        share = float(w.sum()) / n_tokens
+        logs["pg_loss"].append(float(loss.detach()))
+        logs["clipfrac"].append(float(st["clipfrac"]) * share)
+        logs["approx_kl"].append(float(st["approx_kl"]) * share)
+        logs["ratio_mean"].append(float(st["ratio_mean"]) * share)
+        logs["kl"].append(float(kl.detach()) if kl is not None else 0.0)
 
 
 def _update(model, optimizer, scheduler, params, g, batch: _Batch, shuffle) -> dict:
     """``g.mini_batches`` optimizer steps over a shuffled split of the batch; returns ``actor/*``."""
     model.train()
-    trajs, inputs, weights, old_lp, ref_lp = (
-        batch.trajs,
-        batch.inputs,
-        batch.weights,
-        batch.old_lp,
-        batch.ref_lp,
-    )
-    order = torch.randperm(len(trajs), generator=shuffle).tolist()
+    order = torch.randperm(len(batch.trajs), generator=shuffle).tolist()
     chunks = [c.tolist() for c in torch.tensor(order).chunk(g.mini_batches)]
     logs: dict[str, list[float]] = {
         k: [] for k in ("pg_loss", "clipfrac", "approx_kl", "kl", "grad_norm", "ratio_mean")
     }
     for chunk in chunks:
-        n_tokens = float(sum(weights[i].sum() for i in chunk))
-        if n_tokens == 0:
+        if float(sum(batch.weights[i].sum() for i in chunk)) == 0:
             continue  # everything masked: no gradient this mini-batch
         optimizer.zero_grad(set_to_none=True)
-        for i in chunk:
-            lp = token_log_probs(model, inputs[i])[None]
-            w = weights[i][None]
-            isw = (
-                truncated_is_weights(
-                    old_lp[i], torch.tensor(trajs[i].rollout_log_probs), g.tis_cap
-                )[None]
-                if g.tis_cap > 0
-                else None
-            )
-            loss, st = clipped_policy_loss(
-                lp,
-                old_lp[i][None],
-                batch.advantages[i : i + 1],
-                w,
-                g.clip_eps_low,
-                g.clip_eps_high,
-                g.loss_agg,
-                n_tokens,
-                isw,
-            )
-            if g.loss_agg == "seq-mean-token-mean":  # mean over the sequences that carry weight
-                loss = loss / sum(float(weights[j].sum()) > 0 for j in chunk)
-            kl = (
-                agg_loss(kl_k3(lp, ref_lp[i][None]), w, "token-mean", n_tokens)
-                if ref_lp is not None
-                else None
-            )
-            (loss + g.beta * kl if kl is not None else loss).backward()
-            share = float(w.sum()) / n_tokens
-            logs["pg_loss"].append(float(loss.detach()))
-            logs["clipfrac"].append(float(st["clipfrac"]) * share)
-            logs["approx_kl"].append(float(st["approx_kl"]) * share)
-            logs["ratio_mean"].append(float(st["ratio_mean"]) * share)
-            logs["kl"].append(float(kl) if kl is not None else 0.0)
+        _accumulate(model, g, batch, chunk, logs)
         logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)))
         optimizer.step()
         scheduler.step()

@@ -107,3 +107,41 @@ def test_grpo_config_validation():
         GRPOConfig(scale_rewards="std")
     with pytest.raises(ValueError, match="GRPOConfig.mini_batches"):
         GRPOConfig(prompts_per_step=1, group_size=2, mini_batches=3)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_change_speed_not_the_gradient(policy, scripted, loss_agg):
+    """Right-padded micro-batches of 3 give the gradient of one sequence at a time (trajectories
+    of different lengths, one with a tool-returned image)."""
+    from agent.data.tasks import TaskConfig, generate_one
+    from agent.rollout import Agent, AgentConfig, rollout
+    from train.batching import loss_weights
+    from train.loop import _accumulate, _Batch, _log_probs
+
+    tok = policy.tokenizer
+    image_id, pad_id = tok.convert_tokens_to_ids("<|image_pad|>"), tok.pad_token_id
+    agent = Agent(tok, policy.image_processor, AgentConfig(tools="both"))
+    tool = '<think>look</think><tool_call>{"name": "reflect", "arguments": {"images": [1]}}</tool_call>'
+    gen = scripted(tok, [[RIGHT], [tool, WRONG], [VOID], [WRONG], [tool, RIGHT]])
+    sample = generate_one("train", 0, 0, TaskConfig())
+    trajs = rollout(agent, gen, [sample], group_size=5)
+    assert len({len(t.token_ids) for t in trajs}) > 2 and max(len(t.images) for t in trajs) > 2
+    weights = [loss_weights(t, True, False) for t in trajs]
+    grads = []
+    for micro in (1, 3):
+        g = GRPOConfig(group_size=5, micro_batch=micro, loss_agg=loss_agg, beta=0.1, tis_cap=2.0)
+        with torch.no_grad():
+            old = _log_probs(policy.model, trajs, image_id, pad_id, micro)
+        batch = _Batch(
+            trajs, weights, torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0]), old, old, image_id, pad_id
+        )
+        policy.model.zero_grad(set_to_none=True)
+        logs = {k: [] for k in ("pg_loss", "clipfrac", "approx_kl", "kl", "ratio_mean")}
+        _accumulate(policy.model, g, batch, [4, 0, 2, 1, 3], logs)
+        grads.append(
+            {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        )
+        assert len(logs["pg_loss"]) == (5 if micro == 1 else 2)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4, msg=n)
