@@ -45,7 +45,8 @@ class AblateArgs:
             (default) is the committed pretrained tiny base (``models/relook-tiny``);
             ``random`` builds a random-weight tiny Qwen2.5-VL with only the format warm-up into
             ``<out>/base_model`` (no perception: for tests and null baselines).
-        seeds: seeds; each arm runs once per seed.
+        seeds: seeds; each arm runs once per seed (two by default, so that every table shows
+            a spread).
         arms: subset of arms (default all of ``base full tools_none masks_off gain0``).
         steps: override the grid's GRPO steps (0 keeps them).
         workers: arms trained in parallel processes (1 thread each; OFFLINE.md: two 1-thread
@@ -56,7 +57,7 @@ class AblateArgs:
     grid: str = "default"
     out: Path | None = None
     model: str = "relook-tiny"
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     arms: tuple[str, ...] = ()
     steps: int = 0
     workers: int = 2

@@ -13,7 +13,8 @@ from experiments.grids import ARM_SWITCHES, grid_arms
 
 
 def _args(out, **kw):
-    return ablate.AblateArgs(**{"grid": "smoke", "out": out, "workers": 1, "progress": False, **kw})
+    base = {"grid": "smoke", "out": out, "workers": 1, "progress": False, "seeds": (0,)}
+    return ablate.AblateArgs(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,10 @@ def test_cli_bad_input_exits_2_with_message(monkeypatch, capsys):
         run_cli(ablate.main, ablate.AblateArgs)
     assert exit_info.value.code == 2
     assert "error: unknown grid 'nope'" in capsys.readouterr().err
+
+
+def test_model_random_builds_a_format_warmed_base(tmp_path):
+    run = ablate.main(_args(tmp_path / "r", model="random", arms=("base",)))
+    warm = json.loads((run / "base_model" / "relook_warmup.json").read_text())
+    assert warm["steps"] == 10 and warm["loss_last"] < warm["loss_first"]
+    assert rundir.load_manifest(run)["status"] == "complete"
