@@ -406,9 +406,15 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
         "agent loop (same token ids, image tokens and tool observations as at RL time):",
         "colour, shape, presence and MNIST-digit questions about one image; image-index grounding "
         '("What does image 2 show?"); generic `confirm` (zoom in and describe) and `reflect` '
-        "(look again and restate) uses; evaluation-style questions only with **randomly drawn** "
-        "answers (and sometimes a random valid tool call first), so the base knows the answer "
-        "space and the protocol but was never shown when a tool helps or how a family is solved.",
+        "(look again and restate) uses; evaluation-family questions answered with "
+        + (
+            "the gold answer (a pretrained VLM answers such questions as well as its perception "
+            "allows)"
+            if cfg.get("family_answers", "gold") == "gold"
+            else "**randomly drawn** answers (protocol only)"
+        )
+        + ", sometimes after a **random** valid tool call, so the base knows the answer space and "
+        "the protocol but was never shown when or where a tool helps.",
         "",
         f"- Stage 1 ({cfg['stage1_steps']} steps): kinds `{cfg['stage1_mix']}`, flat grey "
         f"backgrounds, objects of {cfg['size_start'][0]}-{cfg['size_start'][1]} px in 224 px scenes.",
