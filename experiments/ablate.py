@@ -251,6 +251,28 @@ def summary_table(run: Path) -> str:
     return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
+def seed_table(run: Path) -> str:
+    """Per arm (seeds pooled): held-out accuracy mean, min and max over seeds, and the mean
+    greedy and sampled tool-call rates; the spread every comparison between arms needs."""
+    import pandas as pd
+
+    from analysis import rundir
+
+    evals = rundir.load_eval(run)
+    if evals.empty:
+        return "(no evaluations)"
+    evals = evals.assign(arm_type=evals["arm"].str.rsplit("-s", n=1).str[0])
+    cols = [c for c in ("tool_call_rate", "sampled/tool_call_rate") if c in evals]
+    table = evals.groupby("arm_type", sort=False).agg(
+        seeds=("arm", "count"),
+        acc_mean=("accuracy", "mean"),
+        acc_min=("accuracy", "min"),
+        acc_max=("accuracy", "max"),
+        **{c.replace("sampled/", "T1_"): (c, "mean") for c in cols},
+    )
+    return pd.DataFrame(table).to_string(float_format=lambda v: f"{v:.3f}")
+
+
 def _first(df, column: str) -> float:
     return float(df[column].iloc[0]) if len(df) and column in df else float("nan")
 
@@ -290,6 +312,8 @@ def main(args: AblateArgs) -> Path:
     status = rundir.finish_run(run)
     print(f"\nrun directory: {run}  (status: {status}, {time.perf_counter() - t0:.0f} s)")
     print(summary_table(run))
+    print("\nper arm over seeds (held-out accuracy):")
+    print(seed_table(run))
     print(f"\nopen it: streamlit run apps/relook_app.py -- --run {run}")
     return run
 

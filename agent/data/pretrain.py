@@ -4,8 +4,8 @@ These are **not** the evaluation families (``find``, ``count``, ``read``, ``comp
 they teach a base model to see (colour, shape, digit of one object), to ground image indices
 ("Image 2 shows ..."), and to speak the turn format and the tool-call syntax in generic uses
 (zoom in with ``confirm`` to describe an object; look again with ``reflect`` to restate an
-image). A small ``format`` share asks evaluation-family questions without tools, answered
-with the gold answer (default; a pretrained VLM answers such questions as well as its
+image). A small ``format`` share asks evaluation-family questions, answered with the gold
+answer (default; a pretrained VLM answers such questions as well as its
 perception allows) or a randomly drawn one (``family_answers="random"``), and sometimes a
 **random** valid tool call first, so the base knows the answer space and the protocol but was
 never shown when or where a tool helps: that is left to RL, as in IMAgent's pure end-to-end RL

@@ -145,3 +145,15 @@ def test_model_random_builds_a_format_warmed_base(tmp_path):
     warm = json.loads((run / "base_model" / "relook_warmup.json").read_text())
     assert warm["steps"] == 10 and warm["loss_last"] < warm["loss_first"]
     assert rundir.load_manifest(run)["status"] == "complete"
+
+
+def test_seed_table_pools_seeds_per_arm(smoke_run):
+    evals = rundir.load_eval(smoke_run).set_index("arm")
+    lines = ablate.seed_table(smoke_run).splitlines()
+    assert "acc_mean" in lines[0] and "acc_min" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == set(ARM_SWITCHES)
+    full = rows["full"]
+    assert full[1] == "1" and float(full[2]) == pytest.approx(
+        evals.loc["full-s0", "accuracy"], abs=5e-4
+    )
