@@ -169,12 +169,13 @@ def main(args: ProbeArgs) -> dict:
 
         shown = "models/relook-tiny" if args.model == RELOOK_TINY else args.model
         print(f"model card: {write_card(resolve_model(args.model), result, shown)}")
-    print(json.dumps(result, indent=1, default=_nan_safe))
+    print(json.dumps(result, indent=1, default=_json_default))
     return result
 
 
-def _nan_safe(v):
-    return None if isinstance(v, float) and np.isnan(v) else str(v)
+def _json_default(v):
+    """Printable form of values json cannot encode (paths, numpy scalars)."""
+    return v.item() if isinstance(v, np.generic) else str(v)
 
 
 if __name__ == "__main__":
