@@ -38,7 +38,7 @@ class AblateArgs:
     """Run an ablation grid.
 
     Attributes:
-        grid: grid name (``default``: base + 4 arms x 40 steps; ``smoke``: the same arms, 2 steps).
+        grid: grid name (``default``: base + 4 arms x 60 steps; ``smoke``: the same arms, 2 steps).
         out: run directory; default ``runs/ablate-<grid>-<time>`` (``runs/latest`` links to it).
             An existing run directory of the same grid is resumed: complete arms are skipped.
         model: base checkpoint directory (Qwen2.5-VL / Qwen2-VL) or hub id; ``relook-tiny``

@@ -48,12 +48,9 @@ class ProbeArgs:
     card: bool = False
 
 
-def _binned_curve(att: pd.DataFrame) -> list[dict]:
-    """Image share (fraction of attention mass, mean over layers and heads, then trajectories)
-    per generated-token bin of :data:`TOKEN_BINS`."""
-    from analysis.rundir import image_share_curve
-
-    curve = image_share_curve(att)
+def _binned_curve(curve: pd.DataFrame) -> list[dict]:
+    """Mean of an :func:`analysis.rundir.image_share_curve` (image share per generated token)
+    per generated-token bin of :data:`TOKEN_BINS`; ``n`` is the most trajectories in the bin."""
     rows = []
     for lo, hi in zip(TOKEN_BINS[:-1], TOKEN_BINS[1:]):
         c = curve[(curve["token"] >= lo) & (curve["token"] < hi)]
@@ -105,7 +102,7 @@ def base_attention(
 
     cfg = TaskConfig(difficulty=0.5)
     frame = ImageFrame.from_processor(policy.image_processor)
-    mix = Mix(**{k: float(k in ("colour", "shape", "digit")) for k in Mix.__dataclass_fields__})
+    mix = Mix.only("colour", "shape", "digit")
     settings = {
         "single": [
             pretrain_example(i, seed, cfg, frame, mix, split="test").sample for i in range(n)
@@ -132,7 +129,7 @@ def base_attention(
             "tool_call_rate": result["tool_call_rate"],
             "mean_response_length": result["mean_response_length"],
             "image_share": float(curve["image_share"].mean()) if len(curve) else float("nan"),
-            "curve": _binned_curve(att) if len(att) else [],
+            "curve": _binned_curve(curve) if len(curve) else [],
             "before_after": {
                 "n_events": len(ok),
                 "before": float(ok["before"].mean()) if len(ok) else float("nan"),

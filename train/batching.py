@@ -82,12 +82,17 @@ def batch_inputs(
     return out
 
 
+def pad_right(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``[len(rows), width]`` float32: each 1-D row at the left, 0 after it."""
+    out = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out
+
+
 def batch_weights(trajs: list[Trajectory], weights: list[torch.Tensor]) -> torch.Tensor:
     """``[batch, pos]`` right-padded loss weights (0 on padding)."""
-    out = torch.zeros((len(trajs), max(len(t.token_ids) for t in trajs)))
-    for i, w in enumerate(weights):
-        out[i, : w.numel()] = w
-    return out
+    return pad_right(weights, max(len(t.token_ids) for t in trajs))
 
 
 def batched_token_log_probs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from tqdm.auto import trange
 from agent.data.tasks import TaskConfig, generate_one
 from agent.modeling import Policy
 from agent.rollout import Agent, Generator, HFGenerator, rollout
-from train.batching import batch_inputs, batched_token_log_probs, loss_weights
+from train.batching import batch_inputs, batched_token_log_probs, loss_weights, pad_right
 from train.config import ArmConfig, DataConfig
 from train.core_algos import (
     agg_loss,
@@ -158,14 +158,6 @@ def _log_probs(model, trajs, image_token_id: int, pad_id: int, micro_batch: int)
     return out
 
 
-def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """``[len(rows), width]`` right-padded with 0."""
-    out = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
-
-
 @dataclass
 class _Batch:
     """One step's rollout batch, per trajectory: ``[pos]`` weights and log-probs."""
@@ -190,11 +182,11 @@ def _accumulate(model, g, batch: _Batch, chunk: list[int], logs: dict) -> None:
         sub = [trajs[i] for i in idx]
         width = max(len(t.token_ids) for t in sub)
         lp = batched_token_log_probs(model, batch_inputs(sub, batch.image_token_id, batch.pad_id))
-        w = _pad([weights[i] for i in idx], width)
-        old = _pad([batch.old_lp[i] for i in idx], width)
+        w = pad_right([weights[i] for i in idx], width)
+        old = pad_right([batch.old_lp[i] for i in idx], width)
         isw = None
         if g.tis_cap > 0:
-            rollout_lp = _pad([torch.tensor(trajs[i].rollout_log_probs) for i in idx], width)
+            rollout_lp = pad_right([torch.tensor(trajs[i].rollout_log_probs) for i in idx], width)
             isw = truncated_is_weights(old, rollout_lp, g.tis_cap)
         loss, st = clipped_policy_loss(
             lp,
@@ -211,7 +203,7 @@ def _accumulate(model, g, batch: _Batch, chunk: list[int], logs: dict) -> None:
             loss = loss * sum(float(weights[i].sum()) > 0 for i in idx) / n_seqs
         kl = None
         if batch.ref_lp is not None:
-            ref = _pad([batch.ref_lp[i] for i in idx], width)
+            ref = pad_right([batch.ref_lp[i] for i in idx], width)
             kl = agg_loss(kl_k3(lp, ref), w, "token-mean", n_tokens)
         (loss + g.beta * kl if kl is not None else loss).backward()
         share = float(w.sum()) / n_tokens

@@ -336,11 +336,10 @@ def pretrain(
     record = {
         **_jsonable(asdict(cfg)),
         "rebuild_command": rebuild_command(cfg),
-        "wall_s": time.perf_counter() - t0,
     }
     (out / "relook_pretrain.json").write_text(json.dumps(record, indent=1))
     if probe:
-        write_model_card(policy, cfg, out, wall_s=time.perf_counter() - t0)
+        write_model_card(policy, cfg, out)
     return policy
 
 
@@ -546,15 +545,14 @@ def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) 
     return card
 
 
-def write_model_card(policy: Policy, cfg: PretrainConfig, out: Path, wall_s: float) -> dict:
-    """Probe the model (held-out split) and write ``probe.json`` and the ``README.md`` card."""
+def write_model_card(policy: Policy, cfg: PretrainConfig, out: Path) -> dict:
+    """Probe the model (held-out split), write ``probe.json`` and the ``README.md`` card
+    (:func:`write_card`); returns the probe result."""
     from train import probes
 
     result = probes.all_probes(policy, n=cfg.probe_n)
     (out / "probe.json").write_text(json.dumps(result, indent=1))
-    n_params = sum(p.numel() for p in policy.model.parameters())
-    saved = json.loads((out / "relook_pretrain.json").read_text())
-    (out / "README.md").write_text(render_model_card(saved, result, wall_s, n_params))
+    write_card(out, result)
     return result
 
 

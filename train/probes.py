@@ -40,7 +40,7 @@ def perception(
     out = {}
     gen = make_generator(policy)
     for kind in PERCEPTION_KINDS:
-        mix = Mix(**{k: float(k == kind) for k in Mix.__dataclass_fields__})
+        mix = Mix.only(kind)
         exs = [
             pretrain_example(i, seed, cfg, frame, mix, split="test", sizes=target_size)
             for i in range(n)

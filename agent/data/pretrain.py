@@ -62,6 +62,18 @@ class Mix:
     restate: float = 0.06
     format: float = 0.10
 
+    @classmethod
+    def only(cls, *kinds: str) -> Mix:
+        """Equal weight on ``kinds``, 0 elsewhere.
+
+        Raises:
+            ValueError: a name not in :data:`KINDS`.
+        """
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown example kinds {sorted(unknown)}; known: {KINDS}")
+        return cls(**{k: float(k in kinds) for k in KINDS})
+
     def probs(self) -> np.ndarray:
         w = np.array([getattr(self, k) for k in KINDS], dtype=float)
         if (w < 0).any() or w.sum() <= 0:

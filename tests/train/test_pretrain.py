@@ -70,6 +70,9 @@ def test_no_example_shows_when_a_tool_helps():
     assert all(g.script[-1].endswith(f"<answer>{g.sample.answer}</answer>") for g in gold)
     # the tool calls before a family answer are the same random draws in both modes
     assert [g.script[:-1] for g in gold] == [e.script[:-1] for e in exs]
+    assert Mix.only("format") == only_format
+    with pytest.raises(ValueError, match="unknown example kinds"):
+        Mix.only("oracle")
     with pytest.raises(ValueError, match="family_answers"):
         PretrainConfig(family_answers="oracle")
     others = [pretrain_example(i, 3, cfg, FRAME) for i in range(200)]
