@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -224,8 +226,26 @@ def build_image_processor(spec: TinySpec) -> Qwen2VLImageProcessorPil:
     )
 
 
-def tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """A ``Qwen2_5_VLConfig`` of ``spec``'s shape whose special-token ids point into ``tokenizer``."""
+TINY_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def tiny_config(
+    spec: TinySpec, tokenizer: PreTrainedTokenizerFast, family: str = "qwen2_5_vl"
+) -> Qwen2_5_VLConfig | Qwen2VLConfig:
+    """A config of ``spec``'s shape whose special-token ids point into ``tokenizer``.
+
+    Args:
+        spec: the shape.
+        tokenizer: the tokenizer (vocabulary size, special-token ids).
+        family: ``"qwen2_5_vl"`` (``Qwen2_5_VLConfig``: windowed vision attention, RMSNorm,
+            SwiGLU vision MLP) or ``"qwen2_vl"`` (``Qwen2VLConfig``: full vision attention,
+            LayerNorm, GELU MLP); the language model is the same Qwen2 decoder with M-RoPE.
+
+    Raises:
+        ValueError: unknown ``family``.
+    """
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = spec.hidden // spec.heads
     quarter = head_dim // 4  # mrope_section must sum to head_dim / 2 (OFFLINE.md)
@@ -254,7 +274,18 @@ def tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_V
         window_size=spec.patch_size * spec.merge_size * 2,
         fullatt_block_indexes=[spec.vision_depth - 1],
     )
-    return Qwen2_5_VLConfig(
+    if family == "qwen2_vl":
+        vision = dict(
+            depth=spec.vision_depth,
+            embed_dim=spec.vision_hidden,
+            hidden_size=spec.hidden,
+            mlp_ratio=2,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            spatial_merge_size=spec.merge_size,
+        )
+    cls = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
+    return cls(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -265,13 +296,17 @@ def tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_V
     )
 
 
-def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, seed: int = 0) -> Path:
-    """Build a random-weight tiny Qwen2.5-VL, its tokenizer and image processor, and save them.
+def build_tiny_model(
+    out_dir: str | Path, spec: TinySpec | None = None, seed: int = 0, family: str = "qwen2_5_vl"
+) -> Path:
+    """Build a random-weight tiny Qwen2.5-VL (or Qwen2-VL), its tokenizer and image processor,
+    and save them.
 
     Args:
         out_dir: directory to write (created; existing model files are overwritten).
         spec: model shape; defaults to :class:`TinySpec`.
         seed: torch seed for the weight initialisation.
+        family: ``"qwen2_5_vl"`` or ``"qwen2_vl"`` (:func:`tiny_config`).
 
     Returns:
         ``out_dir`` as a ``Path``, loadable with :func:`load_policy`.
@@ -281,7 +316,13 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, seed: in
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec, tokenizer))
+    config = tiny_config(spec, tokenizer, family)
+    cls = (
+        Qwen2VLForConditionalGeneration
+        if family == "qwen2_vl"
+        else Qwen2_5_VLForConditionalGeneration
+    )
+    model = cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)

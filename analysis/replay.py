@@ -99,20 +99,52 @@ def reduce_to_regions(
     return out
 
 
+def visible_keys(
+    region_index: torch.Tensor, query_pos: torch.Tensor, n_regions: int, self_index: int
+) -> torch.Tensor:
+    """Keys of each region visible to each query row, the query's own key counted in ``self``.
+
+    ``keys[i, r] = #{k < q_i : region(k) = r} + [r = self]``; every row sums to ``q_i + 1``,
+    the keys a causal query at position ``q_i`` sees (the ``pos`` of the generated token).
+
+    Args:
+        region_index: ``[pos]`` region of each key (``RegionMap.region_index``).
+        query_pos: ``[q]`` absolute query positions, each ``< pos``.
+        n_regions: size of the region axis.
+        self_index: column of ``self``.
+
+    Returns:
+        ``[q, region]`` int64 counts.
+    """
+    onehot = torch.nn.functional.one_hot(region_index.long(), n_regions)
+    before = torch.cat([onehot.new_zeros(1, n_regions), onehot.cumsum(0)])  # [pos + 1, region]
+    keys = before[query_pos.long()].clone()
+    keys[:, self_index] += 1
+    return keys
+
+
 @dataclass
 class RegionRecorder:
-    """Collects region masses of chosen query rows, layer by layer, while attached (see :func:`recording`).
+    """Collects region masses of chosen query rows, layer by layer, while attached.
+
+    Attached to the attention layers by :func:`recording` (replay: one full forward) or by
+    :class:`analysis.hooked.HookedVLM` (generation: one prefill, then one row per decode step
+    with a KV cache). Each call reduces the rows of ``query_pos`` that fall in the call's query
+    block (the last ``q_len`` of the ``k_pos`` positions) and appends them, so a layer's rows
+    come out in query order either way.
 
     Attributes:
-        region_index: ``[pos]`` region of each key (``RegionMap.region_index``).
-        query_pos: ``[rows]`` query positions to record (``p - 1`` per generated token ``p``).
+        region_index: ``[pos]`` region of each key (``RegionMap.region_index``); may be longer
+            than the keys of a call (generation labels positions not yet generated).
+        query_pos: ``[rows]`` query positions to record (``p - 1`` per generated token ``p``),
+            ascending.
         n_regions: size of the region axis.
         self_index: column of ``self``.
         chunk: queries per chunk; peak extra memory is ``head x chunk x pos`` float32.
         layers: decoder layers to record (``module.layer_idx``); None records all.
         value_weighted: also record value-norm-weighted mass.
-        mass: layer -> ``[head, rows, region]`` float32.
-        value_mass: layer -> ``[head, rows, region]`` float32 (when ``value_weighted``).
+        mass: layer -> list of ``[head, rows, region]`` float32 blocks, in query order.
+        value_mass: layer -> list of ``[head, rows, region]`` float32 blocks (``value_weighted``).
     """
 
     region_index: torch.Tensor
@@ -122,77 +154,110 @@ class RegionRecorder:
     chunk: int = 256
     layers: frozenset[int] | None = None
     value_weighted: bool = False
-    mass: dict[int, torch.Tensor] = field(default_factory=dict)
-    value_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    value_mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk} must be >= 1")
 
     def _mask_rows(
-        self, attention_mask: torch.Tensor | None, rows: torch.Tensor, kv_len: int
+        self, attention_mask: torch.Tensor | None, rows: torch.Tensor, offset: int, kv_len: int
     ) -> torch.Tensor:
-        """Additive fp32 mask ``[1 or head, c, k_pos]`` of the given query rows."""
+        """Additive fp32 mask ``[1 or head, c, k_pos]`` of the given absolute query rows."""
         if attention_mask is None:  # SDPA's causal fast path: no mask tensor was built
             future = torch.arange(kv_len, device=rows.device)[None, :] > rows[:, None]
             return torch.zeros(future.shape, device=rows.device).masked_fill(future, float("-inf"))[
                 None
             ]
-        m = attention_mask[0][:, rows, :kv_len]
+        m = attention_mask[0][:, rows - offset, :kv_len]
         if m.dtype == torch.bool:
             return torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
         return m.float()
 
     def record(self, module, query, key, value, attention_mask, scaling) -> None:
-        """Reduce one layer's recorded rows to regions (called inside the attention function).
+        """Reduce one layer call's recorded rows to regions (called inside attention).
 
         Args:
             module: the attention module (``layer_idx``, ``num_key_value_groups``).
-            query: ``[1, head, q_pos, head_dim]`` after RoPE.
-            key, value: ``[1, kv_head, k_pos, head_dim]``.
+            query: ``[1, head, q_pos, head_dim]`` after RoPE; its rows are the last ``q_pos``
+                of the ``k_pos`` positions (``q_pos == k_pos`` without a cache).
+            key, value: ``[1, kv_head, k_pos, head_dim]`` (cache included).
             attention_mask: None (causal), bool ``[1, 1, q_pos, k_pos]`` (True attends) or
                 additive float of that shape.
             scaling: logit scale (default ``head_dim ** -0.5``).
+
+        Raises:
+            ValueError: batch size is not 1, or the keys outnumber the region map.
         """
         layer = int(module.layer_idx)
         if self.layers is not None and layer not in self.layers:
             return
         if query.shape[0] != 1:
-            raise ValueError(f"replay records batch size 1, got query batch {query.shape[0]}")
-        kv_len = key.shape[-2]
-        if kv_len != self.region_index.numel() or query.shape[-2] != kv_len:
             raise ValueError(
-                f"layer {layer}: q_pos={query.shape[-2]}, k_pos={kv_len} but the region map has "
-                f"{self.region_index.numel()} positions (replay needs one full forward, no cache)"
+                f"region recording needs batch size 1, got query batch {query.shape[0]}"
             )
+        kv_len, q_len = key.shape[-2], query.shape[-2]
+        if kv_len > self.region_index.numel():
+            raise ValueError(
+                f"layer {layer}: k_pos={kv_len} but the region map has only "
+                f"{self.region_index.numel()} positions"
+            )
+        offset = kv_len - q_len
+        device = query.device
+        wanted = self.query_pos.to(device)
+        rows_all = wanted[(wanted >= offset) & (wanted < kv_len)]
+        if rows_all.numel() == 0:
+            return
         n_rep = getattr(module, "num_key_value_groups", 1)
         q = query[0].float()  # [head, q_pos, head_dim]
         k = repeat_kv(key, n_rep)[0].float()  # [head, k_pos, head_dim]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        device = q.device
-        onehot = torch.nn.functional.one_hot(self.region_index.to(device), self.n_regions).float()
+        onehot = torch.nn.functional.one_hot(
+            self.region_index[:kv_len].to(device), self.n_regions
+        ).float()
         vnorm = (
             repeat_kv(value, n_rep)[0].float().norm(dim=-1)[:, None, :]
             if self.value_weighted
             else None
         )
-        rows_all = self.query_pos.to(device)
-        out, out_v = [], []
         for start in range(0, rows_all.numel(), self.chunk):
             rows = rows_all[start : start + self.chunk]
-            scores = (q[:, rows] @ k.transpose(1, 2)) * scale + self._mask_rows(
-                attention_mask, rows, kv_len
+            scores = (q[:, rows - offset] @ k.transpose(1, 2)) * scale + self._mask_rows(
+                attention_mask, rows, offset, kv_len
             )
             probs = torch.softmax(scores, dim=-1)  # [head, c, k_pos]
-            out.append(reduce_to_regions(probs, rows, onehot, self.self_index))
+            self.mass.setdefault(layer, []).append(
+                reduce_to_regions(probs, rows, onehot, self.self_index).cpu()
+            )
             if vnorm is not None:
                 weighted = probs * vnorm
                 weighted = weighted / weighted.sum(-1, keepdim=True)
-                out_v.append(reduce_to_regions(weighted, rows, onehot, self.self_index))
-        empty = q.new_zeros(q.shape[0], 0, self.n_regions)
-        self.mass[layer] = torch.cat(out, dim=1).cpu() if out else empty.cpu()
-        if vnorm is not None:
-            self.value_mass[layer] = torch.cat(out_v, dim=1).cpu() if out_v else empty.cpu()
+                self.value_mass.setdefault(layer, []).append(
+                    reduce_to_regions(weighted, rows, onehot, self.self_index).cpu()
+                )
+
+    def stacked(self, layers: Sequence[int], value: bool = False) -> torch.Tensor:
+        """``[rows, layer, head, region]`` float32 of ``layers`` (in that order).
+
+        Raises:
+            RuntimeError: a layer was never recorded or holds a different number of rows than
+                ``query_pos`` (the model does not route attention through the recorder, or the
+                forward did not cover every recorded position).
+        """
+        store = self.value_mass if value else self.mass
+        n = self.query_pos.numel()
+        out = []
+        for layer in layers:
+            blocks = store.get(layer, [])
+            got = sum(b.shape[1] for b in blocks)
+            if got != n:
+                raise RuntimeError(
+                    f"layer {layer} recorded {got} of {n} query rows: does the model route "
+                    "attention through AttentionInterface, and did the forward cover them all?"
+                )
+            out.append(torch.cat(blocks, dim=1))
+        return torch.stack(out).permute(2, 0, 1, 3).contiguous()
 
 
 def _text_config(model):
@@ -258,6 +323,8 @@ class AttentionRecord:
         positions: ``[token]`` absolute position ``p`` of each generated token (its query is ``p - 1``).
         layers: ``[layer]`` decoder layer index of each layer slot.
         image_origin: image number k -> "input", "reflect" or "confirm".
+        keys: ``[token, region]`` int64 keys of each region visible to the token's query, its
+            own key counted in ``self`` (:func:`visible_keys`); rows sum to ``positions``.
         value_mass: ``[token, layer, head, region]`` value-norm-weighted mass, or None.
     """
 
@@ -266,29 +333,26 @@ class AttentionRecord:
     positions: list[int]
     layers: list[int]
     image_origin: dict[int, str]
+    keys: torch.Tensor
     value_mass: torch.Tensor | None = None
 
-    def to_frame(
-        self, trajectory_id: str, turns: Sequence[int] | None = None, value_weighted: bool = False
-    ) -> pd.DataFrame:
+    def to_frame(self, trajectory_id: str, turns: Sequence[int] | None = None) -> pd.DataFrame:
         """The long table: one row per (token, layer, head, region), every region kept (zeros too).
 
         Args:
             trajectory_id: value of the ``trajectory`` column.
             turns: ``[token]`` assistant turn of each generated token; default all 0.
-            value_weighted: put ``value_mass`` in the ``mass`` column instead.
 
         Returns:
             Columns trajectory (str), token (int32), pos (int32), turn (int16), layer (int16),
             head (int16), region (category), image (int16; k for "image:k", else -1),
-            origin (str; image origin, else ""), mass (float32).
+            origin (str; image origin, else ""), mass (float32), keys (int32; visible keys of
+            the region, for per-token efficiency), and value_mass (float32) when recorded.
 
         Raises:
-            ValueError: ``turns`` has the wrong length, or ``value_weighted`` without value mass.
+            ValueError: ``turns`` has the wrong length.
         """
-        mass = self.value_mass if value_weighted else self.mass
-        if mass is None:
-            raise ValueError("value_weighted=True but the replay ran with value_weighted=False")
+        mass = self.mass
         n_tok, n_layer, n_head, n_reg = mass.shape
         if turns is not None and len(turns) != n_tok:
             raise ValueError(f"turns has {len(turns)} entries but the record has {n_tok} tokens")
@@ -318,6 +382,14 @@ class AttentionRecord:
                 "image": image.astype(np.int16)[codes],
                 "origin": origin[codes],
                 "mass": mass.reshape(-1).numpy().astype(np.float32),
+                "keys": np.repeat(
+                    self.keys.numpy().astype(np.int32)[:, None, :], n_layer * n_head, axis=1
+                ).reshape(-1),
+                **(
+                    {"value_mass": self.value_mass.reshape(-1).numpy().astype(np.float32)}
+                    if self.value_mass is not None
+                    else {}
+                ),
             }
         )
 
@@ -380,20 +452,17 @@ def replay_attention(
         extra["logits_to_keep"] = 1  # the logits are not needed: skip the [pos, vocab] matrix
     with recording(model, recorder), torch.no_grad():
         model(**inputs, **extra)
-    missing = [x for x in layer_list if x not in recorder.mass]
-    if missing:
-        raise RuntimeError(
-            f"layers {missing} were never recorded: does the model use AttentionInterface?"
-        )
-
-    def stack(per_layer: dict[int, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([per_layer[x] for x in layer_list]).permute(2, 0, 1, 3).contiguous()
-
     return AttentionRecord(
-        mass=stack(recorder.mass),
+        mass=recorder.stacked(layer_list),
         region_names=list(region_map.region_names),
         positions=list(region_map.generated_positions),
         layers=layer_list,
         image_origin=dict(region_map.image_origin),
-        value_mass=stack(recorder.value_mass) if value_weighted else None,
+        keys=visible_keys(
+            region_map.region_index,
+            recorder.query_pos,
+            len(region_map.region_names),
+            region_map.self_index,
+        ),
+        value_mass=recorder.stacked(layer_list, value=True) if value_weighted else None,
     )

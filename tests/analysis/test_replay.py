@@ -285,11 +285,13 @@ def test_to_frame(case: Case) -> None:
         "image",
         "origin",
         "mass",
+        "keys",
     ]
     dtypes = {c: "str" if pd.api.types.is_object_dtype(t) else str(t) for c, t in df.dtypes.items()}
     assert dtypes == {  # plain strings are "object" on pandas 2, "str" on pandas 3
         "trajectory": "str", "token": "int32", "pos": "int32", "turn": "int16", "layer": "int16",
         "head": "int16", "region": "category", "image": "int16", "origin": "str", "mass": "float32",
+        "keys": "int32",
     }  # fmt: skip
     assert len(df) == n_tok * n_layer * n_head * n_reg
     sums = df.groupby(["token", "layer", "head"])["mass"].sum()
@@ -302,3 +304,17 @@ def test_to_frame(case: Case) -> None:
     )
     assert set(df.loc[df["image"] == -1, "origin"]) == {""}
     assert df["turn"].tolist()[:: n_layer * n_head * n_reg] == turns
+    # keys: the visible keys per region; they sum to the token's position, and an image's count
+    # is its size once it precedes the query.
+    keys = df[(df["layer"] == df["layer"].min()) & (df["head"] == 0)]
+    per_token = keys.groupby("token")["keys"].sum().to_numpy()
+    np.testing.assert_array_equal(per_token, np.asarray(rmap.generated_positions))
+    keys = keys.assign(region=keys["region"].astype(str))
+    first = keys[keys["token"] == 0].set_index("region")["keys"]
+    assert first["self"] == 1 and first["sink"] == 1
+    assert first["image:1"] == rmap.image_sizes[1] and first["image:5"] == 0
+    last = keys[keys["token"] == n_tok - 1].set_index("region")["keys"]
+    assert last["image:5"] == rmap.image_sizes[5]
+    assert last["generated"] == n_tok - 2  # every earlier token but its own query key
+    weighted = replay_attention(case.policy.model, case.inputs, rmap, value_weighted=True)
+    assert "value_mass" in weighted.to_frame("t").columns and "value_mass" not in df.columns
