@@ -39,11 +39,13 @@ Gotchas (measured with nnsight 0.8.1, transformers 5.23):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from nnsight import NNsight
+from nnsight.intervention.source import STATE as _NNSIGHT_STATE
 
 from analysis.replay import AttentionRecord, RegionRecorder, _text_config, visible_keys
 from analysis.spans import RegionMap
@@ -117,6 +119,32 @@ def adapter_for(model) -> FamilyAdapter:
     )
 
 
+# Instance attributes nnsight 0.8 installs on every wrapped module (and leaves there).
+_NNSIGHT_SLOTS = ("forward", _NNSIGHT_STATE)
+
+
+@contextmanager
+def nnsight_session(model: torch.nn.Module) -> Iterator[NNsight]:
+    """Wrap ``model`` in ``nnsight.NNsight`` and put every module back as it was on exit.
+
+    nnsight 0.8 installs a controller ``forward`` and its state in each module's ``__dict__``
+    and leaves them there ("inert outside a trace"); this removes them again, exceptions
+    included, so that after use the model is the object it was (no hooks, no patched forward).
+    """
+    saved = [
+        (m, {k: m.__dict__[k] for k in _NNSIGHT_SLOTS if k in m.__dict__}) for m in model.modules()
+    ]
+    try:
+        yield NNsight(model)
+    finally:
+        for module, before in saved:
+            for key in _NNSIGHT_SLOTS:
+                if key in before:
+                    module.__dict__[key] = before[key]
+                else:
+                    module.__dict__.pop(key, None)
+
+
 _NAME = re.compile(
     r"^(?:embed|hook_logits|visual\.hook_merged|visual\.blocks\.(\d+)\.hook_out"
     r"|blocks\.(\d+)\.(hook_resid_post|attn\.(hook_q|hook_k|hook_v|hook_mask|hook_z"
@@ -139,11 +167,16 @@ class HookedVLM:
         hooked = HookedVLM(policy.model)
         cache = hooked.run_with_cache(inputs, ["blocks.0.attn.hook_q", "visual.hook_merged"])
         new_ids, record = hooked.generate_regions(prompt_inputs, prompt_map, max_new_tokens=32)
+        with hooked.session() as nn, torch.no_grad(), nn.trace(**inputs):  # interventions
+            q = hooked.value("blocks.1.attn.hook_q").save()
+
+    The model is wrapped only inside :meth:`session` (which every method opens): outside it
+    the model carries no nnsight state.
 
     Attributes:
         model: the transformers model (any loaded with ``from_pretrained``).
         adapter: its family's :class:`FamilyAdapter` (default: :func:`adapter_for`).
-        nn: the ``nnsight.NNsight`` wrapper.
+        nn: the ``nnsight.NNsight`` wrapper while a session is open, else None.
 
     Raises:
         ValueError: the model's family has no adapter.
@@ -151,11 +184,28 @@ class HookedVLM:
 
     model: torch.nn.Module
     adapter: FamilyAdapter | None = None
-    nn: NNsight = field(init=False, repr=False)
+    nn: NNsight | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.adapter = self.adapter or adapter_for(self.model)
-        self.nn = NNsight(self.model)
+
+    @contextmanager
+    def session(self) -> Iterator[NNsight]:
+        """Open (or re-enter) the nnsight wrapping of the model (:func:`nnsight_session`)."""
+        if self.nn is not None:
+            yield self.nn
+            return
+        with nnsight_session(self.model) as nn:
+            self.nn = nn
+            try:
+                yield nn
+            finally:
+                self.nn = None
+
+    def _root(self) -> NNsight:
+        if self.nn is None:
+            raise RuntimeError("hook values exist only inside `with hooked.session():` traces")
+        return self.nn
 
     @property
     def n_layers(self) -> int:
@@ -179,7 +229,13 @@ class HookedVLM:
     def _attention(self, layer: int):
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range for a model with {self.n_layers} layers")
-        return getattr(_walk(self.nn, self.adapter.layers)[layer], self.adapter.attention)
+        return getattr(_walk(self._root(), self.adapter.layers)[layer], self.adapter.attention)
+
+    def attention_call(self, layer: int):
+        """The nnsight envoy of layer ``layer``'s attention function call (inside a session):
+        ``.inputs`` is ``((module, query, key, value, attention_mask, ...), kwargs)`` and may
+        be replaced to intervene (attention knockout); ``.output`` is ``(z, pattern)``."""
+        return getattr(self._attention(layer).source, self.adapter.attention_call)
 
     def value(self, name: str):
         """The value of canonical hook ``name``, to be read (or edited) inside a trace of
@@ -191,26 +247,26 @@ class HookedVLM:
         match = _NAME.match(name)
         if match is None:
             raise ValueError(f"unknown hook name {name!r}; see analysis.hooked.HOOK_SHAPES")
-        a = self.adapter
+        a, root = self.adapter, self._root()
         if name == "embed":
-            return _walk(self.nn, a.embed).output
+            return _walk(root, a.embed).output
         if name == "hook_logits":
-            return _walk(self.nn, a.lm_head).output
+            return _walk(root, a.lm_head).output
         if name == "visual.hook_merged":
-            return _walk(self.nn, a.merger).output
+            return _walk(root, a.merger).output
         vision_block, layer, what, attn_hook = match.groups()
         if vision_block is not None:
-            blocks = _walk(self.nn, a.vision_blocks)
+            blocks = _walk(root, a.vision_blocks)
             if int(vision_block) >= len(blocks):
                 raise ValueError(f"vision block {vision_block} out of range ({len(blocks)} blocks)")
             return blocks[int(vision_block)].output
         if what == "hook_resid_post":
-            out = _walk(self.nn, a.layers)[self._check_layer(int(layer))].output
+            out = _walk(root, a.layers)[self._check_layer(int(layer))].output
             return out[0] if isinstance(out, tuple) else out
         attn = self._attention(int(layer))
         if attn_hook == "hook_result":
             return attn.output[0]
-        call = getattr(attn.source, a.attention_call)
+        call = self.attention_call(int(layer))
         if attn_hook in _ATTN_ARGS:
             return call.inputs[0][_ATTN_ARGS[attn_hook]]
         return call.output[0 if attn_hook == "hook_z" else 1]
@@ -242,7 +298,7 @@ class HookedVLM:
             if _NAME.match(name) is None:
                 raise ValueError(f"unknown hook name {name!r}; see analysis.hooked.HOOK_SHAPES")
         saved: dict = {}  # filled inside the trace (its body's new locals do not reach closures)
-        with torch.no_grad(), self.nn.trace(**inputs, use_cache=False):
+        with torch.no_grad(), self.session() as nn, nn.trace(**inputs, use_cache=False):
             for name in sorted(names, key=_order):
                 saved[name] = self.value(name).save()
         return {name: _detach(saved[name]) for name in names}
@@ -318,11 +374,14 @@ class HookedVLM:
         attention = {layer: getattr(modules[layer], self.adapter.attention) for layer in layer_list}
         kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
         kwargs["min_new_tokens"] = max_new_tokens
-        with torch.no_grad(), self.nn.trace(**inputs, fn=self.model.generate, **kwargs) as tracer:
+        with (
+            torch.no_grad(),
+            self.session() as nn,
+            nn.trace(**inputs, fn=self.model.generate, **kwargs) as tracer,
+        ):
             for _ in tracer.iter[:max_new_tokens]:
                 for layer in layer_list:
-                    call = getattr(self._attention(layer).source, self.adapter.attention_call)
-                    args, kw = call.inputs
+                    args, kw = self.attention_call(layer).inputs
                     recorder.record(
                         attention[layer], args[1], args[2], args[3], args[4], kw.get("scaling")
                     )
@@ -364,4 +423,11 @@ def _detach(value):
     return value.detach() if torch.is_tensor(value) else value
 
 
-__all__ = ["ADAPTERS", "HOOK_SHAPES", "FamilyAdapter", "HookedVLM", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "HOOK_SHAPES",
+    "FamilyAdapter",
+    "HookedVLM",
+    "adapter_for",
+    "nnsight_session",
+]

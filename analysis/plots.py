@@ -1,4 +1,5 @@
-"""Pure figure and table builders over the frames of :mod:`analysis.rundir` (no I/O, no Streamlit).
+"""Pure figure and table builders over the frames of :mod:`analysis.rundir` and
+:mod:`analysis.metrics` (no I/O, no Streamlit).
 
 Used by the Streamlit app, the notebook and ``experiments.figures``; every builder takes pandas
 frames and returns a ``plotly.graph_objects.Figure`` or a display-ready ``DataFrame``.
@@ -92,7 +93,7 @@ def image_share_figure(
     """Image-attention share versus generated-token index, one line per arm, tool calls marked.
 
     Args:
-        curves: arm -> frame of :func:`analysis.rundir.image_share_curve` (columns token,
+        curves: arm -> frame of :func:`analysis.metrics.image_share_curve` (columns token,
             image_share, optionally n = trajectories reaching the token).
         events: tool-call events (columns token, tool, optionally arm). Each distinct
             (arm, tool) becomes one trace of vertical lines spanning the plot height at the
@@ -141,7 +142,7 @@ def stacked_shares_figure(share_df: pd.DataFrame, title: str = "") -> go.Figure:
     tokens versus generated-token index (they sum to 1 per token).
 
     Args:
-        share_df: frame of :func:`analysis.rundir.share_by_token` with ``by=("group",)``:
+        share_df: frame of :func:`analysis.metrics.share_by_token` with ``by=("group",)``:
             columns token, group, share.
         title: figure title (e.g. the arm).
 
@@ -200,7 +201,7 @@ def before_after_table(
     percentiles of ``n_boot`` draws. Events with a NaN delta are left out.
 
     Args:
-        ba: frame of :func:`analysis.rundir.before_after` (columns trajectory, before, after,
+        ba: frame of :func:`analysis.metrics.before_after` (columns trajectory, before, after,
             delta and the ``by`` columns, e.g. arm and tool).
         by: grouping columns.
         n_boot: bootstrap draws. seed: generator seed.

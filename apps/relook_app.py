@@ -5,8 +5,9 @@ Run it with::
     streamlit run apps/relook_app.py -- --run runs/latest
 
 (or set ``RELOOK_RUN``). The app computes nothing itself: it reads the run directory with
-:mod:`analysis.rundir` and draws with :mod:`analysis.plots`; frames are cached per run and per
-modification stamp, so a run still being written is re-read when its files change.
+:mod:`analysis.rundir`, reduces attention with :mod:`analysis.metrics` and draws with
+:mod:`analysis.plots`; frames are cached per run and per modification stamp, so a run still
+being written is re-read when its files change.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ try:
 except ModuleNotFoundError:  # `streamlit run` puts apps/ on sys.path, not the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from analysis import plots, rundir
+from analysis.metrics import before_after, image_share_curve, share_by_token
 
 DEFAULT_RUN = "runs/latest"
 DEFAULT_METRIC = "rollout/reward_mean"
@@ -70,10 +72,10 @@ def _attention(run: str, arm: str, stamp: int, window: int) -> dict[str, pd.Data
     att = rundir.load_attention(run, arm)
     events = rundir.load_attention_events(run, arm)
     return {
-        "curve": rundir.image_share_curve(att),
-        "shares": rundir.share_by_token(att),
+        "curve": image_share_curve(att),
+        "shares": share_by_token(att),
         "events": events,
-        "before_after": rundir.before_after(att, events, window=window),
+        "before_after": before_after(att, events, window=window),
     }
 
 

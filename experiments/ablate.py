@@ -125,7 +125,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     from agent.modeling import load_policy
     from agent.rollout import Agent
     from analysis import rundir
-    from experiments.measure import measure
+    from experiments.attention import write_arm
     from experiments.trajectories import save_trajectories
     from train.loop import make_generator, task_config, train
 
@@ -173,13 +173,17 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     order = sorted(range(len(probe_trajs)), key=lambda i: -probe_trajs[i].used)
     chosen = order[: cfg.measure.n_trajectories]
     ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
-    save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
-    if chosen:
-        att, events = measure(
-            policy, [probe_trajs[i] for i in chosen], ids, chunk=cfg.measure.chunk
+    refs = save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
+    if chosen:  # the same writer as ``python -m experiments.attention`` (tables + meta.json)
+        write_arm(
+            folder,
+            policy,
+            [probe_trajs[i] for i in chosen],
+            ids,
+            [refs[i] for i in chosen],
+            chunk=cfg.measure.chunk,
+            value_weighted=True,
         )
-        rundir.write_attention(run, arm, att)
-        rundir.write_attention_events(run, arm, events)
 
 
 def _with_temperature(agent_cfg, temperature: float):
@@ -221,6 +225,7 @@ def summary_table(run: Path) -> str:
     import pandas as pd
 
     from analysis import rundir
+    from analysis.metrics import before_after, image_share_curve
 
     arms = rundir.list_arms(run)
     metrics = rundir.load_metrics(run)
@@ -231,8 +236,8 @@ def summary_table(run: Path) -> str:
         e = evals[evals["arm"] == arm] if len(evals) else evals
         att = rundir.load_attention(run, arm)
         ev = rundir.load_attention_events(run, arm)
-        ba = rundir.before_after(att, ev) if len(att) and len(ev) else pd.DataFrame()
-        curve = rundir.image_share_curve(att) if len(att) else pd.DataFrame()
+        ba = before_after(att, ev) if len(att) and len(ev) else pd.DataFrame()
+        curve = image_share_curve(att) if len(att) else pd.DataFrame()
         rows.append(
             {
                 "arm": arm,

@@ -49,7 +49,7 @@ class ProbeArgs:
 
 
 def _binned_curve(curve: pd.DataFrame) -> list[dict]:
-    """Mean of an :func:`analysis.rundir.image_share_curve` (image share per generated token)
+    """Mean of an :func:`analysis.metrics.image_share_curve` (image share per generated token)
     per generated-token bin of :data:`TOKEN_BINS`; ``n`` is the most trajectories in the bin."""
     rows = []
     for lo, hi in zip(TOKEN_BINS[:-1], TOKEN_BINS[1:]):
@@ -73,7 +73,7 @@ def base_attention(
 
     Two settings: ``single`` (one image: colour, shape and digit questions, 20-56 px objects at
     difficulty 0.5) and ``multi`` (the evaluation families, 2-4 images, difficulty 0.5). Each
-    episode is replayed with :func:`experiments.measure.measure` (exact fp32 attention mass of
+    episode is replayed with :func:`experiments.attention.measure` (exact fp32 attention mass of
     every generated token on each region).
 
     Args:
@@ -96,8 +96,8 @@ def base_attention(
     from agent.evaluation import evaluate
     from agent.rollout import Agent, AgentConfig
     from agent.tools import ImageFrame
-    from analysis.rundir import before_after, image_share_curve
-    from experiments.measure import measure
+    from analysis.metrics import before_after, image_share_curve
+    from experiments.attention import measure
     from train.loop import make_generator
 
     cfg = TaskConfig(difficulty=0.5)

@@ -174,8 +174,9 @@ def test_generation_recording_equals_replay(model: Model) -> None:
 
 
 def _hooks(module: torch.nn.Module) -> int:
+    """Hooks and instance attributes (nnsight's patched ``forward`` and state) of every module."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m.__dict__)
         for m in module.modules()
     )
 
@@ -191,10 +192,18 @@ def test_hooks_removed_after_use_and_errors(model: Model) -> None:
     hooked.run_with_cache(inputs, ["blocks.0.attn.hook_q"])
     prefix_map = region_labels(seq, [0] * len(seq), model.ids, len(seq))
     hooked.generate_regions(inputs, prefix_map, 2, do_sample=False)
-    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), hooked.nn.trace(**inputs):
+    assert _hooks(net) == n_hooks
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        torch.no_grad(),
+        hooked.session() as nn,
+        nn.trace(**inputs),
+    ):
         hooked.value("blocks.0.attn.hook_q").save()
         raise RuntimeError("boom")
-    assert _hooks(net) == n_hooks
+    assert _hooks(net) == n_hooks and "forward" not in net.model.__dict__
+    with pytest.raises(RuntimeError, match="only inside"):
+        hooked.value("blocks.0.attn.hook_q")
     with torch.no_grad():
         assert torch.equal(net(**inputs, use_cache=False).logits, before)
     assert net.config.text_config._attn_implementation == "sdpa"

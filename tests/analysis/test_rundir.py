@@ -1,9 +1,8 @@
-"""The run directory contract: atomic writers, readers, status handling and attention shares."""
+"""The run directory contract: atomic writers, readers and status handling."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from analysis import plots
 from analysis import rundir as rd
+from analysis.metrics import image_share_curve, share_by_token
 
 ARMS = ["full-s0", "full-s1", "tools_none-s0"]
 METRICS = ["rollout/reward_mean", "rollout/acc_mean", "actor/kl", "timing_s/step"]
@@ -171,7 +171,7 @@ def test_optional_files_give_empty_frames(tmp_path):
     assert rd.load_trajectories(run, "nope") == []
     empty = rd.create_run(tmp_path / "empty", "ablation", ["a-s0"], [0], {})
     assert rd.load_metrics(empty).columns.tolist() == ["arm", "step"]
-    assert rd.load_eval(empty).empty and rd.image_share_curve(att).empty
+    assert rd.load_eval(empty).empty
 
 
 def test_corrupt_and_incomplete_files_raise_rundirerror(tmp_path):
@@ -200,94 +200,6 @@ def test_corrupt_and_incomplete_files_raise_rundirerror(tmp_path):
         rd.load_manifest(run)
 
 
-# Attention shares, pinned on a hand-computed case
-
-
-def _row(trajectory, token, head, masses):
-    return [
-        (trajectory, token, 10 + token, 0, 0, head, r, int(r[6:]) if r[:6] == "image:" else -1)
-        + ("input" if r[:6] == "image:" else "", m)
-        for r, m in masses.items()
-    ]
-
-
-@pytest.fixture
-def hand_attention(tmp_path):
-    """Trajectory a: 2 tokens x 1 layer x 2 heads; trajectory b: token 0 only. Per-token shares
-    (mean of the two heads): a0 text .375 image .375 generated .25; a1 text .3125 image .5
-    generated .0625 tool_text .125; b0 text .5 image .5. Dyadic, so exact in float32."""
-    rows = _row("a", 0, 0, {"sink": 0.5, "image:1": 0.25, "generated": 0.25})
-    rows += _row("a", 0, 1, {"system": 0.25, "image:1": 0.5, "self": 0.25})
-    a1h0 = {"user_text": 0.5, "image:2": 0.25, "image_wrap": 0.125, "generated": 0.125}
-    rows += _row("a", 1, 0, a1h0)
-    rows += _row("a", 1, 1, {"image:1": 0.75, "tool_text": 0.25})
-    rows += _row("b", 0, 0, {"image:1": 1.0}) + _row("b", 0, 1, {"sink": 1.0})
-    att = pd.DataFrame(rows, columns=list(rd.ATTENTION_COLUMNS))
-    # Go through the on-disk format (float32 masses) on the way.
-    run = rd.create_run(tmp_path / "hand", "hand", ["x-s0"], [0], {})
-    rd.start_arm(run, "x-s0", {})
-    rd.write_attention(run, "x-s0", att)
-    return rd.load_attention(run, "x-s0")
-
-
-def test_region_group():
-    groups = {r: rd.region_group(r) for r in REGIONS + ["image:12"]}
-    assert groups == {
-        "sink": "text", "system": "text", "user_text": "text", "image_wrap": "text",
-        "image:1": "image", "image:2": "image", "image:12": "image", "tool_text": "tool_text",
-        "generated": "generated", "self": "generated",
-    }  # fmt: skip
-    with pytest.raises(ValueError, match="unknown"):
-        rd.region_group("pixels")
-
-
-def test_token_and_mean_shares_exact(hand_attention):
-    per = rd.token_shares(hand_attention).set_index(["trajectory", "token", "group"])["share"]
-    assert per.loc[("a", 0)].to_dict() == {
-        "generated": 0.25, "image": 0.375, "text": 0.375, "tool_text": 0.0
-    }  # fmt: skip
-    assert per.loc[("a", 1)].to_dict() == {
-        "generated": 0.0625, "image": 0.5, "text": 0.3125, "tool_text": 0.125
-    }  # fmt: skip
-    assert per.loc[("b", 0)].to_dict() == {
-        "generated": 0.0, "image": 0.5, "text": 0.5, "tool_text": 0.0
-    }  # fmt: skip
-    shares = rd.share_by_token(hand_attention).set_index(["token", "group"])
-    assert shares.loc[(0, "image"), "share"] == 0.4375 and shares.loc[(0, "image"), "n"] == 2
-    assert shares.loc[(0, "image"), "std"] == pytest.approx(0.125 / math.sqrt(2), abs=1e-15)
-    assert shares.loc[(1, "tool_text"), "share"] == 0.125 and shares.loc[(1, "text"), "n"] == 1
-    by_region = rd.token_shares(hand_attention, ("region",))
-    a1 = by_region[(by_region.trajectory == "a") & (by_region.token == 1)]
-    assert a1.set_index("region")["share"]["image:1"] == 0.375
-
-
-def test_image_share_curve_and_before_after_exact(hand_attention):
-    curve = rd.image_share_curve(hand_attention)
-    assert curve["token"].tolist() == [0, 1]
-    assert curve["image_share"].tolist() == [0.4375, 0.5] and curve["n"].tolist() == [2, 1]
-    events = pd.DataFrame(
-        {"trajectory": ["a", "b", "zz"], "token": [1, 1, 0], "tool": ["reflect"] * 3}
-        | {"ok": [True, True, False], "turn": [1, 1, 1]}
-    )
-    ba = rd.before_after(hand_attention, events, window=8)
-    assert ba["before"].tolist()[:2] == [0.375, 0.5] and math.isnan(ba["before"][2])
-    assert ba["after"][0] == 0.5 and ba["delta"][0] == 0.125 and math.isnan(ba["after"][1])
-    assert ba[["n_before", "n_after"]].values.tolist() == [[1, 1], [1, 0], [0, 0]]
-    table = plots.before_after_table(ba)
-    assert table.iloc[0].to_dict() == {
-        "tool": "reflect", "events": 1, "trajectories": 1, "before": 0.375, "after": 0.5,
-        "delta": 0.125, "delta_lo": 0.125, "delta_hi": 0.125,
-    }  # fmt: skip
-    with pytest.raises(ValueError, match="window"):
-        rd.before_after(hand_attention, events, window=0)
-
-
-def test_random_shares_sum_to_one():
-    shares = rd.share_by_token(synthetic_attention(3, trajectories=3))
-    assert np.allclose(shares.groupby("token")["share"].sum(), 1.0, atol=1e-6)
-    assert set(shares["group"]) == set(rd.GROUPS) and (shares["n"] == 3).all()
-
-
 # Figure builders over run-dir frames
 
 
@@ -297,11 +209,11 @@ def test_figure_builders(tmp_path):
     names = [t.name for t in fig.data]
     assert names == ["full max", "full min", "full (mean of 2 seeds)", "tools_none-s0"]
     assert plots.training_curves(rd.load_metrics(run), "nope/none").data == ()
-    curves = {a: rd.image_share_curve(rd.load_attention(run, a)) for a in ARMS[:2]}
+    curves = {a: image_share_curve(rd.load_attention(run, a)) for a in ARMS[:2]}
     events = pd.concat([rd.load_attention_events(run, a).assign(arm=a) for a in ARMS[:2]])
     fig = plots.image_share_figure(curves, events)
     assert [t.name for t in fig.data][:2] == ARMS[:2] and len(fig.data) == 6
-    shares = rd.share_by_token(rd.load_attention(run, "full-s0"))
+    shares = share_by_token(rd.load_attention(run, "full-s0"))
     names = [t.name for t in plots.stacked_shares_figure(shares).data]
     assert names == ["text", "tool text", "image", "generated"]
     table = plots.eval_table(rd.load_eval(run))

@@ -1,0 +1,641 @@
+"""Attention metrics: pure pandas functions on the long attention table (METHOD.md section 6).
+
+The input is the table of :meth:`analysis.replay.AttentionRecord.to_frame` (as stored by
+:func:`analysis.rundir.write_attention`), one row per (trajectory, token, layer, head, region)::
+
+    trajectory  str    trajectory id (j)
+    token       int    index t among the generated tokens
+    pos         int    absolute position p of token t; its query row p - 1 sees the p keys 0..p-1
+    turn, layer, head
+    region      str    "sink", "system", "user_text", "image_wrap", "tool_text", "generated",
+                       "self" or "image:{k}"
+    image       int    k for "image:k", else -1
+    origin      str    "input", "reflect" or "confirm" for an image, else ""
+    mass        float  fraction of the row's attention; one (trajectory, token, layer, head) sums to 1
+    keys        int    optional: key positions of the region visible to the query ("self": 1);
+                       the regions' keys of one row sum to pos
+    value_mass  float  optional: attention x value norm, renormalised per row (rows sum to 1)
+
+Every share is reduced in the same order: regions summed within one attention row (one
+trajectory, token, layer, head), then averaged over layers and heads per token, then averaged
+over trajectories per token. ``kind`` picks the variant (:data:`KINDS`):
+
+- "raw": ``mass``.
+- "no_sink": the sink row dropped and the rest renormalised, ``mass / (1 - mass[sink])``
+  (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks": position 0
+  soaks up attention that carries little information).
+- "value": ``value_mass`` (Kobayashi et al. 2020, "Attention is Not Only a Weight").
+- "efficiency": ``mass / (keys / pos)``, attention relative to the region's share of the visible
+  keys: 1 is what uniform attention gives, above 1 the region is over-attended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+GROUPS = ("text", "tool_text", "image", "generated")
+KINDS = ("raw", "no_sink", "value", "efficiency")
+FIT_COLUMNS = ("slope_per_100", "intercept", "half_life_tokens", "s0", "r2_linear", "n_points")
+_GROUP_OF = {"sink": "text", "system": "text", "user_text": "text", "image_wrap": "text"}
+_GROUP_OF |= {"tool_text": "tool_text", "generated": "generated", "self": "generated"}
+_ROW = ["trajectory", "token", "layer", "head"]  # one attention row: masses sum to 1
+_BAND_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "middle", "late")}
+_NO_DECAY = 1e-12  # fitted log-share drop over the curve's span below which the rate is 0
+
+
+def region_group(region: str) -> str:
+    """Figure-1 group of a key region: "text", "image", "generated" or "tool_text".
+
+    text = sink + system + user_text + image_wrap; image = every "image:{k}" (input and tool
+    images alike); generated = generated + self; tool_text is reported apart (METHOD.md 6).
+    The vision start/end wrapper tokens (``image_wrap``) carry no pixels, so they count as text.
+    Raises ValueError for an unknown region.
+    """
+    if region.startswith("image:"):
+        return "image"
+    if region not in _GROUP_OF:
+        raise ValueError(f"unknown attention region {region!r}")
+    return _GROUP_OF[region]
+
+
+# Per-row values of each variant
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs column(s) {missing}, missing from the table")
+
+
+def _check_kind(att: pd.DataFrame, kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(map(repr, KINDS))}")
+    need = {"value": ["value_mass"], "efficiency": ["mass", "keys", "pos"]}.get(kind, ["mass"])
+    _require(att, need, f"kind={kind!r}")
+
+
+def _row_frame(att: pd.DataFrame, by: list[str], kind: str) -> pd.DataFrame:
+    """Columns ``_ROW``, ``by`` (a "group" column computed), region, w (the numerator: mass,
+    renormalised mass or value mass) and, for efficiency, k = keys / pos."""
+    df = att[list(dict.fromkeys(_ROW + [c for c in by if c != "group"] + ["region"]))].copy()
+    df["w"] = att["value_mass" if kind == "value" else "mass"].astype("float64")
+    if kind == "efficiency":
+        df["k"] = att["keys"].astype("float64") / att["pos"].astype("float64")
+    if kind == "no_sink":
+        df = df[df["region"] != "sink"]
+        # The sum of the other masses equals 1 - mass[sink] for rows summing to 1, and stays
+        # exact in float32 where the sink holds nearly all of the row.
+        denom = df.groupby(_ROW, sort=False, observed=True)["w"].transform("sum")
+        keep = denom > 0  # a row with all its mass on the sink has no renormalised shares
+        df = df[keep].assign(w=df["w"][keep] / denom[keep])
+    if "group" in by:
+        df["group"] = df["region"].map({r: region_group(r) for r in df["region"].unique()})
+    return df
+
+
+def _summed(att: pd.DataFrame, by: list[str], kind: str) -> pd.Series:
+    """Value of each ``by`` cell of each attention row, indexed by ``_ROW + by``; efficiency is
+    (sum of mass) / (sum of keys / pos) over the cell's regions, NaN where it has no keys."""
+    df = _row_frame(att, by, kind)
+    g = df.groupby(_ROW + by, sort=False, observed=True)
+    if kind != "efficiency":
+        return g["w"].sum()
+    s = g[["w", "k"]].sum()
+    return s["w"] / s["k"].where(s["k"] > 0)
+
+
+def _row_values(att: pd.DataFrame, by: list[str], kind: str) -> pd.DataFrame:
+    """Wide per-row values: index ``_ROW``, one column per ``by`` cell (all :data:`GROUPS` for
+    ``by=["group"]``); an absent cell is 0 (NaN for efficiency: no keys, no ratio)."""
+    fill = math.nan if kind == "efficiency" else 0.0
+    wide = _summed(att, by, kind).unstack(by, fill_value=fill)
+    if by == ["group"]:
+        wide = wide.reindex(columns=list(GROUPS), fill_value=fill)
+    return wide
+
+
+def _image_rows(att: pd.DataFrame, kind: str) -> pd.Series:
+    """Image-group value of each attention row (index ``_ROW``)."""
+    return _row_values(att, ["group"], kind)["image"]
+
+
+# Shares per token
+
+
+def token_shares(
+    att: pd.DataFrame, by: Sequence[str] = ("group",), *, kind: str = "raw"
+) -> pd.DataFrame:
+    """Share of attention per trajectory, generated token and group, averaged over layers, heads.
+
+    share[j, t, g] = mean_{layer, head} sum_{region in g} mass[j, t, layer, head, region]
+
+    with the variant of ``kind`` (module docstring): "no_sink" uses mass / (1 - mass[sink]) and
+    drops the sink; "value" uses value_mass; "efficiency" is, per layer and head,
+    (sum_{r in g} mass) / (sum_{r in g} keys / pos), then averaged.
+
+    A group absent from a (layer, head) row counts as 0 in the mean (efficiency: left out, NaN
+    if absent everywhere). With ``by=("group",)`` every group of :data:`GROUPS` appears, so raw,
+    no_sink and value shares sum to 1 per token. With no_sink, a row whose whole mass is on the
+    sink is left out of the mean.
+
+    Args:
+        att: long attention table.
+        by: columns of ``att`` or "group" (:func:`region_group`): ("region",), ("group", "origin").
+        kind: one of :data:`KINDS`.
+
+    Returns:
+        Columns trajectory, token, *by, share (a fraction in [0, 1]; for efficiency a ratio,
+        1 = uniform over keys, NaN where the cell has no visible keys).
+
+    Raises:
+        ValueError: unknown kind, a column the kind needs ("keys", "value_mass") is missing,
+            or an unknown region.
+    """
+    by = list(by)
+    _check_kind(att, kind)
+    if att.empty:
+        return pd.DataFrame(columns=["trajectory", "token", *by, "share"])
+    mean = _row_values(att, by, kind).groupby(level=["trajectory", "token"]).mean()
+    long = mean.stack(list(range(len(by))), future_stack=True).rename("share").reset_index()
+    return long.sort_values(["trajectory", "token", *by], kind="stable", ignore_index=True)
+
+
+def share_by_token(
+    att: pd.DataFrame, by: Sequence[str] = ("group",), *, kind: str = "raw"
+) -> pd.DataFrame:
+    """Mean over trajectories of :func:`token_shares`, per generated-token index.
+
+    share[t, g] = mean_{j with token t} share[j, t, g]
+
+    Returns:
+        Columns token, *by, share (mean), std (across trajectories, NaN for n = 1),
+        n (number of trajectories that reach token t with a defined share).
+
+    Raises:
+        ValueError: as :func:`token_shares`.
+    """
+    per = token_shares(att, by, kind=kind)
+    if per.empty:
+        return pd.DataFrame(columns=["token", *by, "share", "std", "n"])
+    stats = per.groupby(["token", *by], observed=True)["share"]
+    return stats.agg(share="mean", std="std", n="count").reset_index()
+
+
+def image_share_curve(att: pd.DataFrame, *, kind: str = "raw") -> pd.DataFrame:
+    """Image-attention share versus generated-token index (the decay curve).
+
+    image_share[t] = mean_j mean_{layer, head} sum_k mass[j, t, layer, head, "image:k"]
+    (with the variant of ``kind``, see :func:`token_shares`).
+
+    Returns:
+        Columns token, image_share (fraction; efficiency: ratio), std, n (trajectories),
+        sorted by token.
+
+    Raises:
+        ValueError: as :func:`token_shares`.
+    """
+    shares = share_by_token(att, ("group",), kind=kind)
+    curve = shares[shares["group"] == "image"].rename(columns={"share": "image_share"})
+    return curve[["token", "image_share", "std", "n"]].reset_index(drop=True)
+
+
+def image_shares(att: pd.DataFrame, kind: str = "raw") -> pd.DataFrame:
+    """Share of attention on each image per trajectory and token, averaged over layers, heads.
+
+    share[j, t, k] = mean_{layer, head} mass[j, t, layer, head, "image:k"]
+
+    (with the variant of ``kind``, see :func:`token_shares`), for one line per image. Only the
+    images of trajectory j appear in its rows (unlike ``token_shares(att, ("image",))``, which
+    gives every image number of the table to every trajectory).
+
+    Returns:
+        Columns trajectory, token, image (k), origin ("input", "reflect", "confirm"), share
+        (fraction; efficiency: ratio, NaN before the image is visible), sorted by trajectory,
+        token, image.
+
+    Raises:
+        ValueError: as :func:`token_shares`, or no "image"/"origin" column.
+    """
+    cols = ["trajectory", "token", "image", "origin", "share"]
+    _check_kind(att, kind)
+    _require(att, ["image", "origin"], "image_shares")
+    if att.empty:
+        return pd.DataFrame(columns=cols)
+    summed = _summed(att, ["image", "origin"], kind)
+    image = summed[summed.index.get_level_values("image") >= 0]
+    g = image.groupby(level=cols[:4], observed=True)
+    if kind == "efficiency":
+        out = g.mean().rename("share").reset_index()
+    else:  # divide by the rows of the token, so a row without the image counts as 0
+        rows = summed.index.droplevel(["image", "origin"]).unique().to_frame(index=False)
+        n_rows = rows.groupby(["trajectory", "token"]).size().rename("n_rows").reset_index()
+        out = g.sum().rename("share").reset_index().merge(n_rows, on=["trajectory", "token"])
+        out["share"] = out["share"] / out.pop("n_rows")
+    out["image"] = out["image"].astype("int64")
+    return out.sort_values(cols[:3], kind="stable", ignore_index=True)[cols]
+
+
+# Layer bands and heads
+
+
+def layer_bands(n_layers: int, n_bands: int = 3) -> dict[int, str]:
+    """Split layers 0..n_layers-1 into ``n_bands`` contiguous bands, as equal as possible.
+
+    The first ``n_layers % n_bands`` bands get one layer more (28 layers: 10, 9, 9). Names:
+    "early", "middle", "late" for 3 bands; "early", "late" for 2; "all" for 1; else
+    "layers {first}-{last}" ("layer {first}" for a band of one layer).
+
+    Returns:
+        layer -> band name.
+
+    Raises:
+        ValueError: n_bands < 1 or n_layers < n_bands.
+    """
+    if n_bands < 1 or n_layers < n_bands:
+        raise ValueError(f"need 1 <= n_bands <= n_layers, got n_bands={n_bands}, {n_layers=}")
+    bands = np.array_split(np.arange(n_layers), n_bands)
+    names = _BAND_NAMES.get(n_bands) or [
+        f"layers {b[0]}-{b[-1]}" if len(b) > 1 else f"layer {b[0]}" for b in bands
+    ]
+    return {int(layer): name for name, b in zip(names, bands) for layer in b}
+
+
+def band_shares(
+    att: pd.DataFrame, n_bands: int = 3, kind: str = "raw", *, n_layers: int | None = None
+) -> pd.DataFrame:
+    """Image share per layer band and generated token, averaged over trajectories.
+
+    share[band, t] = mean_j mean_{layer in band, head} sum_k mass[j, t, layer, head, "image:k"]
+
+    Args:
+        att: long attention table. n_bands: see :func:`layer_bands`. kind: see :func:`token_shares`.
+        n_layers: the model's depth; default max(layer) + 1 (right when the last layer was
+            recorded; pass it when the replay kept a subset of layers).
+
+    Returns:
+        Columns band (ordered categorical, early to late), token, image_share (fraction),
+        std (across trajectories), n (trajectories), sorted by band, token.
+
+    Raises:
+        ValueError: as :func:`token_shares` and :func:`layer_bands`, or a layer >= n_layers.
+    """
+    _check_kind(att, kind)
+    cols = ["band", "token", "image_share", "std", "n"]
+    image = _image_rows(att, kind) if len(att) else pd.Series()
+    if image.empty:  # no rows, or (no_sink) every row all on the sink
+        return pd.DataFrame(columns=cols)
+    layers = image.index.get_level_values("layer")
+    n_layers = int(layers.max()) + 1 if n_layers is None else n_layers
+    bands = layer_bands(n_layers, n_bands)
+    if layers.max() >= n_layers:
+        raise ValueError(f"layer {layers.max()} is out of range for n_layers={n_layers}")
+    order = list(dict.fromkeys(bands.values()))
+    band = pd.Categorical(layers.map(bands), categories=order, ordered=True)
+    keys = [band, image.index.get_level_values("trajectory"), image.index.get_level_values("token")]
+    per = image.groupby(keys, observed=True).mean().rename_axis(["band", "trajectory", "token"])
+    stats = per.groupby(level=["band", "token"], observed=True)
+    out = stats.agg(image_share="mean", std="std", n="count").reset_index()
+    return out.sort_values(["band", "token"], kind="stable", ignore_index=True)[cols]
+
+
+def head_shares(att: pd.DataFrame, kind: str = "raw") -> pd.DataFrame:
+    """Mean image share of each (layer, head) over all generated tokens and trajectories.
+
+    share[l, h] = mean_{j, t} sum_k mass[j, t, l, h, "image:k"]
+
+    Averaging over heads (as :func:`token_shares` does) hides image-focused heads: one head of
+    16 that puts 0.8 of its attention on the images moves the layer's mean by only 0.05. This
+    per-head table, :func:`head_summary` (max beside mean) and :func:`top_image_heads` show them.
+
+    Returns:
+        Columns layer, head, image_share (fraction; efficiency: ratio), n_tokens (the
+        (trajectory, token) pairs averaged), sorted by layer, head.
+
+    Raises:
+        ValueError: as :func:`token_shares`.
+    """
+    _check_kind(att, kind)
+    if att.empty:
+        return pd.DataFrame(columns=["layer", "head", "image_share", "n_tokens"])
+    g = _image_rows(att, kind).groupby(level=["layer", "head"])
+    return g.agg(image_share="mean", n_tokens="count").reset_index()
+
+
+def head_summary(att: pd.DataFrame, kind: str = "raw") -> pd.DataFrame:
+    """Per layer, the mean and the max over heads of :func:`head_shares`, and the max head.
+
+    mean[l] = mean_h share[l, h], max[l] = max_h share[l, h]; the gap between them is what
+    head averaging hides.
+
+    Returns:
+        Columns layer, image_share_mean, image_share_max, max_head (lowest head on ties),
+        n_heads, sorted by layer.
+
+    Raises:
+        ValueError: as :func:`token_shares`.
+    """
+    cols = ["layer", "image_share_mean", "image_share_max", "max_head", "n_heads"]
+    heads = head_shares(att, kind).dropna(subset=["image_share"])
+    if heads.empty:
+        return pd.DataFrame(columns=cols)
+    top = heads.loc[heads.groupby("layer")["image_share"].idxmax(), ["layer", "head"]]
+    g = heads.groupby("layer")["image_share"]
+    out = g.agg(image_share_mean="mean", image_share_max="max", n_heads="count").reset_index()
+    out = out.merge(top.rename(columns={"head": "max_head"}), on="layer")
+    return out[cols]
+
+
+def top_image_heads(att: pd.DataFrame, k: int = 5, kind: str = "raw") -> pd.DataFrame:
+    """The ``k`` (layer, head) pairs with the highest mean image share (:func:`head_shares`).
+
+    Returns:
+        Columns layer, head, image_share, n_tokens; at most k rows, highest first (ties:
+        lower layer, then lower head first; NaN last).
+
+    Raises:
+        ValueError: k < 1, or as :func:`token_shares`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    heads = head_shares(att, kind)
+    order = heads.sort_values(["layer", "head"]).sort_values(
+        "image_share", ascending=False, kind="stable", na_position="last"
+    )
+    return order.head(k).reset_index(drop=True)
+
+
+# Decay of the image share
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Slope, intercept and R^2 of y = a + b x by least squares (NaN R^2 for constant y)."""
+    xc = x - x.mean()
+    ym = y.mean()
+    slope = float(xc @ (y - ym) / (xc @ xc))
+    intercept = float(ym - slope * x.mean())
+    ss_tot = float(((y - ym) ** 2).sum())
+    ss_res = float(((y - intercept - slope * x) ** 2).sum())
+    return slope, intercept, (1.0 - ss_res / ss_tot) if ss_tot > 0 else math.nan
+
+
+def _fit(t: np.ndarray, s: np.ndarray, min_tokens: int) -> dict[str, float]:
+    """:func:`decay_fit` on arrays (NaN points already dropped)."""
+    out = dict.fromkeys(FIT_COLUMNS, math.nan) | {"n_points": len(t)}
+    if len(np.unique(t)) >= min_tokens:
+        slope, intercept, r2 = _ols(t, s)
+        out |= {"slope_per_100": 100 * slope, "intercept": intercept, "r2_linear": r2}
+    positive = s > 0
+    tp = t[positive]
+    if len(np.unique(tp)) >= min_tokens:
+        log_slope, log_s0, _ = _ols(tp, np.log(s[positive]))
+        rate = -log_slope  # nats of image share lost per token
+        decays = rate * (tp.max() - tp.min()) > _NO_DECAY
+        out |= {
+            "s0": math.exp(log_s0),
+            "half_life_tokens": math.log(2) / rate if decays else math.inf,
+        }
+    return out
+
+
+def decay_fit(curve: pd.DataFrame, min_tokens: int = 4) -> dict[str, float]:
+    """Linear slope and exponential half-life of an image-share curve.
+
+    (a) OLS, unweighted (each token once): image_share = intercept + slope * token;
+        slope_per_100 = 100 * slope (share per 100 generated tokens), r2_linear its R^2
+        (NaN for a constant curve).
+    (b) Least squares on log(image_share) = log(s0) - token * ln2 / half_life over the points
+        with image_share > 0: s0 the fitted share at token 0, half_life_tokens in generated
+        tokens; inf when the fitted decay rate is <= 0 (no decay; numerically: the fitted drop
+        over the curve's token span is below 1e-12 nats).
+
+    Args:
+        curve: columns token, image_share (e.g. :func:`image_share_curve`; extra columns such
+            as n are ignored); NaN shares are dropped.
+        min_tokens: fewest distinct tokens a fit needs (>= 2), else its values are NaN.
+
+    Returns:
+        dict with :data:`FIT_COLUMNS`: slope_per_100, intercept, half_life_tokens, s0,
+        r2_linear, n_points (the non-NaN points).
+
+    Raises:
+        ValueError: min_tokens < 2, or the token/image_share column is missing.
+    """
+    if min_tokens < 2:
+        raise ValueError(f"min_tokens must be >= 2, got {min_tokens}")
+    _require(curve, ["token", "image_share"], "decay_fit")
+    c = curve[["token", "image_share"]].dropna()
+    t, s = c["token"].to_numpy("float64"), c["image_share"].to_numpy("float64")
+    return _fit(t, s, min_tokens)
+
+
+def _image_token_shares(att: pd.DataFrame, kind: str) -> pd.DataFrame:
+    per = token_shares(att, ("group",), kind=kind)
+    per = per[per["group"] == "image"]
+    return per[["trajectory", "token", "share"]].rename(columns={"share": "image_share"})
+
+
+def decay_fits(
+    att: pd.DataFrame, by: Sequence[str] = ("trajectory",), kind: str = "raw", min_tokens: int = 4
+) -> pd.DataFrame:
+    """:func:`decay_fit` of the image-share curve of each ``by`` group (default: each trajectory).
+
+    The curve of a group is the mean over its trajectories, per token, of the image share of
+    :func:`token_shares`. ``by`` columns other than trajectory (e.g. "setting", "turn") must be
+    constant per (trajectory, token); ``by=()`` fits the pooled curve once.
+
+    Returns:
+        Columns *by, then :data:`FIT_COLUMNS`, one row per group, sorted by ``by``.
+
+    Raises:
+        ValueError: as :func:`token_shares` and :func:`decay_fit`, "token" in ``by`` or a
+            ``by`` column missing.
+    """
+    by = list(by)
+    if "token" in by:
+        raise ValueError("decay_fits: cannot group by 'token' (the fit runs over tokens)")
+    _require(att, by, "decay_fits")
+    per = _image_token_shares(att, kind)
+    extra = [c for c in by if c != "trajectory"]
+    if extra and len(per):
+        first = att.groupby(["trajectory", "token"], sort=False, observed=True)[extra].first()
+        per = per.merge(first.reset_index(), on=["trajectory", "token"])
+    groups = per.groupby(by, sort=True, observed=True) if by else [((), per)]
+    rows = []
+    for key, g in groups:
+        curve = g.groupby("token", as_index=False)["image_share"].mean()
+        rows.append({**dict(zip(by, key)), **decay_fit(curve, min_tokens)})
+    return pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
+
+
+def _interval(draws: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval of the non-NaN draws; nearest-rank quantiles when a draw is inf
+    (no decay), so inf comes through instead of inf - inf = NaN."""
+    draws = draws[~np.isnan(draws)]
+    if not len(draws):
+        return math.nan, math.nan
+    method = "linear" if np.isfinite(draws).all() else "inverted_cdf"
+    lo, hi = np.quantile(draws, [(1 - ci) / 2, (1 + ci) / 2], method=method)
+    return float(lo), float(hi)
+
+
+def _check_boot(n_boot: int, ci: float) -> None:
+    if n_boot < 1 or not 0 < ci < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < ci < 1, got {n_boot=}, {ci=}")
+
+
+def decay_summary(
+    att: pd.DataFrame,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    kind: str = "raw",
+    min_tokens: int = 4,
+) -> pd.DataFrame:
+    """:func:`decay_fit` of the pooled image-share curve, with bootstrap intervals over trajectories.
+
+    Pooled curve: s[t] = mean_{j reaching t} s[j, t] (:func:`image_share_curve`). Each of
+    ``n_boot`` draws resamples the J trajectories with replacement (numpy ``default_rng(seed)``),
+    recomputes the pooled curve over the drawn multiset (a trajectory drawn twice counts twice)
+    and refits it; lo, hi are the (1 - ci)/2 and (1 + ci)/2 percentiles of the draws (Efron's
+    percentile interval; draws whose fit is NaN are left out).
+
+    Returns:
+        One row per statistic (slope_per_100, intercept, half_life_tokens, s0, r2_linear):
+        columns stat, estimate, lo, hi, n_trajectories, n_points (tokens of the pooled curve).
+
+    Raises:
+        ValueError: n_boot < 1, ci outside (0, 1), or as :func:`token_shares`.
+    """
+    _check_boot(n_boot, ci)
+    stats = [c for c in FIT_COLUMNS if c != "n_points"]
+    cols = ["stat", "estimate", "lo", "hi", "n_trajectories", "n_points"]
+    wide = _image_token_shares(att, kind).pivot(
+        index="trajectory", columns="token", values="image_share"
+    )
+    if wide.empty:
+        return pd.DataFrame([(s, *[math.nan] * 3, 0, 0) for s in stats], columns=cols)
+    shares = wide.to_numpy("float64")  # [trajectory, token], NaN where not reached
+    present = ~np.isnan(shares)
+    filled = np.where(present, shares, 0.0)
+    tokens = wide.columns.to_numpy("float64")
+    n_traj = len(wide)
+    estimate = _fit(tokens, filled.sum(0) / present.sum(0), min_tokens)
+    idx = np.random.default_rng(seed).integers(0, n_traj, size=(n_boot, n_traj))
+    counts = np.zeros((n_boot, n_traj))
+    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curves = (counts @ filled) / (counts @ present)  # [draw, token], NaN: token not reached
+    draws = []
+    for curve in curves:
+        keep = ~np.isnan(curve)
+        draws.append(_fit(tokens[keep], curve[keep], min_tokens))
+    boot = pd.DataFrame(draws)
+    rows = [
+        (s, estimate[s], *_interval(boot[s].to_numpy("float64"), ci), n_traj, len(tokens))
+        for s in stats
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# Before versus after a tool call
+
+
+def before_after(
+    att: pd.DataFrame, events: pd.DataFrame, window: int = 8, *, kind: str = "raw"
+) -> pd.DataFrame:
+    """Mean image share in the ``window`` tokens before versus after each tool call.
+
+    For an event at generated token e of trajectory j (first policy token after the tool
+    result): before = mean_{t in [e - window, e)} s[j, t], after = mean_{t in [e, e + window)}
+    s[j, t], with s the per-token image share of :func:`token_shares` (variant ``kind``);
+    delta = after - before. A window with no measured token gives NaN.
+
+    Args:
+        att: long attention table. events: columns trajectory, token, tool, ok, turn (extra
+            ones kept).
+        window: tokens per side, >= 1.
+        kind: see :func:`token_shares`.
+
+    Returns:
+        The event columns plus before, after, delta (fractions), n_before, n_after (tokens).
+
+    Raises:
+        ValueError: window < 1, or as :func:`token_shares`.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    per = token_shares(att, ("group",), kind=kind)
+    image = per[per["group"] == "image"]
+    series = {j: g.set_index("token")["share"] for j, g in image.groupby("trajectory")}
+    empty = pd.Series(dtype="float64")
+    rows = []
+    for trajectory, e in zip(events["trajectory"], events["token"]):
+        s = series.get(trajectory, empty)
+        b = s[(s.index >= e - window) & (s.index < e)]
+        a = s[(s.index >= e) & (s.index < e + window)]
+        rows.append((b.mean(), a.mean(), len(b), len(a)))
+    cols = ["before", "after", "n_before", "n_after"]
+    out = pd.concat([events.reset_index(drop=True), pd.DataFrame(rows, columns=cols)], axis=1)
+    out.insert(out.columns.get_loc("after") + 1, "delta", out["after"] - out["before"])
+    return out
+
+
+def _clustered_delta(g: pd.DataFrame, n_boot: int, seed: int, ci: float) -> tuple:
+    """n_events, n_trajectories, before, after, delta and its clustered-bootstrap interval."""
+    if g.empty:
+        return (0, 0, *[math.nan] * 5)
+    per = g.groupby("trajectory")["delta"].agg(["sum", "count"])
+    idx = np.random.default_rng(seed).integers(0, len(per), size=(n_boot, len(per)))
+    boot = per["sum"].to_numpy()[idx].sum(1) / per["count"].to_numpy()[idx].sum(1)
+    means = (g["before"].mean(), g["after"].mean(), g["delta"].mean())
+    return (len(g), len(per), *means, *_interval(boot, ci))
+
+
+def before_after_ci(
+    att: pd.DataFrame,
+    events: pd.DataFrame,
+    window: int = 8,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    by: Sequence[str] = ("tool",),
+    kind: str = "raw",
+) -> pd.DataFrame:
+    """Mean image share before/after tool calls per ``by`` group and overall, with a clustered
+    bootstrap interval of the mean delta.
+
+    delta = mean over events of (after - before) from :func:`before_after`; events with a NaN
+    delta (an empty window) are left out. The events of one trajectory are not independent, so
+    each of ``n_boot`` draws resamples trajectories with replacement and takes all events of a
+    drawn trajectory: delta* = (sum of their deltas) / (number of their events). delta_lo,
+    delta_hi = the (1 - ci)/2, (1 + ci)/2 percentiles of the draws. Every group draws from a
+    fresh ``numpy.random.default_rng(seed)``, so a group's interval does not depend on the others.
+
+    Args:
+        att: long attention table. events: the tool-call events (columns trajectory, token and
+            the ``by`` columns). window: tokens per side. n_boot: bootstrap draws. seed: rng seed.
+        ci: interval level in (0, 1). by: grouping columns of ``events``. kind: see
+            :func:`token_shares`.
+
+    Returns:
+        Columns *by, n_events, n_trajectories, before, after, delta, delta_lo, delta_hi (shares
+        as fractions): one row per group (sorted), then the overall row with "all" in every
+        ``by`` column (n_events 0 and NaN means when no event has both windows).
+
+    Raises:
+        ValueError: window < 1, n_boot < 1, ci outside (0, 1), a missing events column, or as
+            :func:`token_shares`.
+    """
+    _check_boot(n_boot, ci)
+    by = list(by)
+    _require(events, ["trajectory", "token", *by], "before_after_ci events")
+    ba = before_after(att, events, window, kind=kind).dropna(subset=["delta"])
+    groups = list(ba.groupby(by, sort=True)) if by and len(ba) else []
+    groups.append((("all",) * len(by), ba))
+    cols = ["n_events", "n_trajectories", "before", "after", "delta", "delta_lo", "delta_hi"]
+    rows = [(*key, *_clustered_delta(g, n_boot, seed, ci)) for key, g in groups]
+    return pd.DataFrame(rows, columns=[*by, *cols])
