@@ -464,8 +464,17 @@ def load_trajectories(run: str | Path, arm: str) -> list[dict[str, Any]]:
         RunDirError: a line that is not a JSON object (the message names the line number).
     """
     path = Path(run) / arm / TRAJECTORIES
-    if not path.is_file():
-        return []
+    return read_records(path) if path.is_file() else []
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (blank lines skipped), e.g. ``trajectories.jsonl``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunDirError: a line that is not a JSON object (the message names the file and line).
+    """
+    path = Path(path)
     records: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -21,7 +21,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from agent.modeling import Policy, load_policy
 from agent.trajectory import ImageRecord, Trajectory, TurnEvent
 from analysis import rundir
 from analysis.replay import replay_attention
-from analysis.spans import SpecialIds, check_image_grid, region_labels
+from analysis.spans import RegionMap, SpecialIds, check_image_grid, region_labels
 
 
 @dataclass
@@ -139,13 +138,7 @@ def measure(
                 check_image_grid(traj.token_ids, inputs["image_grid_thw"], merge, special)
             except ValueError as exc:
                 raise ValueError(f"trajectory {tid}: {exc}") from None
-        region_map = region_labels(
-            traj.token_ids,
-            traj.response_mask,
-            special,
-            traj.prompt_len,
-            [r.origin for r in traj.images],
-        )
+        region_map = trajectory_regions(traj, special)
         record = replay_attention(
             policy.model,
             inputs,
@@ -244,15 +237,19 @@ def provenance(traj: Trajectory, refs: list[str | None]) -> list[dict]:
     ]
 
 
+def trajectory_regions(traj: Trajectory, special: SpecialIds) -> RegionMap:
+    """The :class:`analysis.spans.RegionMap` of a trajectory (image origins from its images).
+
+    Raises:
+        ValueError: as :func:`analysis.spans.region_labels` (inconsistent masks or origins).
+    """
+    origins = [r.origin for r in traj.images]
+    return region_labels(traj.token_ids, traj.response_mask, special, traj.prompt_len, origins)
+
+
 def span_summary(traj: Trajectory, special: SpecialIds) -> dict:
     """Region sizes (tokens) of a trajectory's span map, its prompt and generated lengths."""
-    rmap = region_labels(
-        traj.token_ids,
-        traj.response_mask,
-        special,
-        traj.prompt_len,
-        [r.origin for r in traj.images],
-    )
+    rmap = trajectory_regions(traj, special)
     sizes = pd.Series(rmap.labels).value_counts().to_dict()
     return {
         "positions": len(traj.token_ids),
@@ -361,21 +358,6 @@ def _sources(path: Path, arms: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def _load_records(path: Path) -> list[dict]:
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {lineno} is not JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {lineno} is not a JSON object")
-        records.append(record)
-    return records
-
-
 def summarise(att: pd.DataFrame, events: pd.DataFrame, window: int = 8) -> dict:
     """Headline numbers of one arm: trajectories, generated tokens, mean image share, the decay
     fit of the image-share curve (:func:`analysis.metrics.decay_fit`), and the image share
@@ -421,7 +403,7 @@ def main(args: AttentionArgs) -> dict[str, dict]:
     policy = load_policy(args.model, attn_implementation=args.attn_implementation)
     summary = {}
     for arm, path in sources.items():
-        records = _load_records(path)
+        records = rundir.read_records(path)
         usable = [
             r
             for r in records

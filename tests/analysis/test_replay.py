@@ -14,7 +14,12 @@ from agent.modeling import TinySpec, build_tiny_model, load_policy
 from analysis.replay import RegionRecorder, recording, replay_attention
 from analysis.spans import SpecialIds, check_image_grid, region_labels
 
-SPECS = {"gqa": TinySpec(), "mha3": TinySpec(heads=4, kv_heads=4, text_layers=3)}
+# (family, shape): grouped-query Qwen2.5-VL, multi-head Qwen2.5-VL, grouped-query Qwen2-VL.
+SPECS = {
+    "gqa": ("qwen2_5_vl", TinySpec()),
+    "mha3": ("qwen2_5_vl", TinySpec(heads=4, kv_heads=4, text_layers=3)),
+    "qwen2vl-gqa": ("qwen2_vl", TinySpec(text_layers=2, heads=4, kv_heads=2)),
+}
 # (width, height): 16, 12, 6 and 4 image tokens; the tool-returned one has 9.
 INPUT_SIZES = [(112, 112), (168, 112), (56, 84), (56, 56)]
 REFLECT_SIZE = (84, 84)
@@ -83,7 +88,8 @@ def _trajectory(policy) -> tuple[list[int], list[int], int, list[str], dict]:
 
 @pytest.fixture(scope="session", params=list(SPECS))
 def case(request, tmp_path_factory) -> Case:
-    path = build_tiny_model(tmp_path_factory.mktemp(request.param), SPECS[request.param], seed=1)
+    family, spec = SPECS[request.param]
+    path = build_tiny_model(tmp_path_factory.mktemp(request.param), spec, seed=1, family=family)
     policy = load_policy(path)
     seq, mask, prompt_len, origins, inputs = _trajectory(policy)
     eager = load_policy(path, attn_implementation="eager").model
