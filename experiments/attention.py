@@ -248,14 +248,22 @@ def trajectory_regions(traj: Trajectory, special: SpecialIds) -> RegionMap:
 
 
 def span_summary(traj: Trajectory, special: SpecialIds) -> dict:
-    """Region sizes (tokens) of a trajectory's span map, its prompt and generated lengths."""
+    """The span map of a trajectory: its regions as ``[name, start, end)`` runs of positions,
+    the tokens per region, and its length, prompt length and generated tokens."""
     rmap = trajectory_regions(traj, special)
+    spans: list[list] = []
+    for p, label in enumerate(rmap.labels):
+        if spans and spans[-1][0] == label:
+            spans[-1][2] = p + 1
+        else:
+            spans.append([label, p, p + 1])
     sizes = pd.Series(rmap.labels).value_counts().to_dict()
     return {
         "positions": len(traj.token_ids),
         "prompt_len": traj.prompt_len,
         "generated": len(rmap.generated_positions),
         "region_tokens": {name: int(sizes.get(name, 0)) for name in rmap.region_names},
+        "spans": spans,
     }
 
 

@@ -78,6 +78,11 @@ def test_cli_tables_equal_in_memory_replay_and_meta_records_provenance(saved, ti
     assert [e["tool"] for e in first["tool_events"]] == ["confirm", "reflect"]
     assert first["region_tokens"]["image:4"] == trajs[0].images[3].n_tokens(2)
     assert first["generated"] == sum(trajs[0].response_mask)
+    spans = first["spans"]
+    assert spans[0] == ["sink", 0, 1] and spans[-1][2] == first["positions"]
+    assert all(a[2] == b[1] for a, b in zip(spans, spans[1:]))  # contiguous runs
+    image4 = [s for s in spans if s[0] == "image:4"]
+    assert len(image4) == 1 and image4[0][2] - image4[0][1] == first["region_tokens"]["image:4"]
     assert summary["full-s0"]["trajectories"] == 2 and summary["full-s0"]["tool_calls"] == 2
 
 
