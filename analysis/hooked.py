@@ -310,7 +310,7 @@ class HookedVLM:
         max_new_tokens: int,
         *,
         layers: Sequence[int] | None = None,
-        chunk: int = 256,
+        chunk: int | None = None,
         value_weighted: bool = False,
         **generate_kwargs,
     ) -> tuple[list[int], AttentionRecord]:

@@ -77,7 +77,11 @@ def _register() -> None:
 
 
 def reduce_to_regions(
-    probs: torch.Tensor, query_pos: torch.Tensor, onehot: torch.Tensor, self_index: int
+    probs: torch.Tensor,
+    query_pos: torch.Tensor,
+    onehot: torch.Tensor,
+    self_index: int,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Sum attention rows over the keys of each region, the query's own key going to ``self``.
 
@@ -88,15 +92,52 @@ def reduce_to_regions(
         query_pos: ``[q]`` absolute position of each row's query (its own key).
         onehot: ``[k_pos, region]`` float32 one-hot of each key's region.
         self_index: column of ``self`` in the region axis.
+        inplace: zero the self keys in ``probs`` itself (no copy; ``probs`` is clobbered).
 
     Returns:
         ``[head, q, region]`` float32 masses.
     """
     idx = query_pos.view(1, -1, 1).expand(probs.shape[0], -1, 1)
     diag = probs.gather(-1, idx)  # [head, q, 1]
-    out = probs.scatter(-1, idx, 0.0) @ onehot  # zeroed, not subtracted: exact for the self key
+    zeroed = probs.scatter_(-1, idx, 0.0) if inplace else probs.scatter(-1, idx, 0.0)
+    out = zeroed @ onehot  # zeroed, not subtracted: exact for the self key
     out[..., self_index] += diag[..., 0]
     return out
+
+
+CHUNK_BUDGET_BYTES = 2 << 20
+"""Default fp32 score bytes per chunk: 2 MiB, so a chunk's scores stay in cache. Measured by
+``bench/attention.py`` (relook-tiny, 2,000 tokens): fixed 256-row chunks cost 3.4x a plain
+forward's time, 2 MiB chunks (64 rows) 1.3-1.55x."""
+
+
+def auto_chunk(heads: int, kv_len: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
+    """Query rows per chunk so that ``heads x rows x kv_len`` fp32 scores fit ``budget`` bytes
+    (at least 8 rows)."""
+    return max(8, budget // (4 * heads * max(1, kv_len)))
+
+
+def _mask_(
+    scores: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor, offset: int
+) -> None:
+    """Apply the attention mask of absolute query ``rows`` to ``scores [head, c, end]`` in place.
+
+    ``attention_mask`` None is SDPA's causal fast path: keys up to the chunk's first query are
+    visible to every row, so only the block of later keys is masked. Otherwise it is the
+    model's bool (True attends) or additive float mask ``[1, 1 or head, q_pos, k_pos]``.
+    """
+    end = scores.shape[-1]
+    if attention_mask is None:
+        lo = int(rows[0]) + 1
+        if lo < end:
+            future = torch.arange(lo, end, device=scores.device)[None, :] > rows[:, None]
+            scores[..., lo:end].masked_fill_(future, float("-inf"))
+        return
+    m = attention_mask[0][:, rows - offset, :end]
+    if m.dtype == torch.bool:
+        scores.masked_fill_(~m, float("-inf"))
+    else:
+        scores.add_(m.float())
 
 
 def visible_keys(
@@ -140,7 +181,9 @@ class RegionRecorder:
             ascending.
         n_regions: size of the region axis.
         self_index: column of ``self``.
-        chunk: queries per chunk; peak extra memory is ``head x chunk x pos`` float32.
+        chunk: query rows per chunk (peak extra memory ``head x chunk x pos`` float32); None
+            fits :data:`CHUNK_BUDGET_BYTES` of scores per chunk (:func:`auto_chunk`). Each
+            chunk's keys stop at its last query (causal attention: later keys get no mass).
         layers: decoder layers to record (``module.layer_idx``); None records all.
         value_weighted: also record value-norm-weighted mass.
         mass: layer -> list of ``[head, rows, region]`` float32 blocks, in query order.
@@ -151,29 +194,15 @@ class RegionRecorder:
     query_pos: torch.Tensor
     n_regions: int
     self_index: int
-    chunk: int = 256
+    chunk: int | None = None
     layers: frozenset[int] | None = None
     value_weighted: bool = False
     mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     value_mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.chunk < 1:
-            raise ValueError(f"chunk={self.chunk} must be >= 1")
-
-    def _mask_rows(
-        self, attention_mask: torch.Tensor | None, rows: torch.Tensor, offset: int, kv_len: int
-    ) -> torch.Tensor:
-        """Additive fp32 mask ``[1 or head, c, k_pos]`` of the given absolute query rows."""
-        if attention_mask is None:  # SDPA's causal fast path: no mask tensor was built
-            future = torch.arange(kv_len, device=rows.device)[None, :] > rows[:, None]
-            return torch.zeros(future.shape, device=rows.device).masked_fill(future, float("-inf"))[
-                None
-            ]
-        m = attention_mask[0][:, rows - offset, :kv_len]
-        if m.dtype == torch.bool:
-            return torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
-        return m.float()
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk={self.chunk} must be >= 1 (or None: automatic)")
 
     def record(self, module, query, key, value, attention_mask, scaling) -> None:
         """Reduce one layer call's recorded rows to regions (called inside attention).
@@ -210,32 +239,32 @@ class RegionRecorder:
         if rows_all.numel() == 0:
             return
         n_rep = getattr(module, "num_key_value_groups", 1)
-        q = query[0].float()  # [head, q_pos, head_dim]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q = query[0].float() * scale  # [head, q_pos, head_dim]; the scale folded in once
         k = repeat_kv(key, n_rep)[0].float()  # [head, k_pos, head_dim]
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         onehot = torch.nn.functional.one_hot(
             self.region_index[:kv_len].to(device), self.n_regions
         ).float()
-        vnorm = (
-            repeat_kv(value, n_rep)[0].float().norm(dim=-1)[:, None, :]
-            if self.value_weighted
-            else None
-        )
-        for start in range(0, rows_all.numel(), self.chunk):
-            rows = rows_all[start : start + self.chunk]
-            scores = (q[:, rows - offset] @ k.transpose(1, 2)) * scale + self._mask_rows(
-                attention_mask, rows, offset, kv_len
-            )
-            probs = torch.softmax(scores, dim=-1)  # [head, c, k_pos]
-            self.mass.setdefault(layer, []).append(
-                reduce_to_regions(probs, rows, onehot, self.self_index).cpu()
-            )
+        vnorm = repeat_kv(value, n_rep)[0].float().norm(dim=-1) if self.value_weighted else None
+        chunk = self.chunk or auto_chunk(q.shape[0], kv_len)
+        for start in range(0, rows_all.numel(), chunk):
+            rows = rows_all[start : start + chunk]
+            end = int(rows[-1]) + 1  # causal: keys after the chunk's last query get no mass
+            scores = q[:, rows - offset] @ k[:, :end].transpose(1, 2)  # [head, c, end]
+            _mask_(scores, attention_mask, rows, offset)
+            probs = torch.softmax(scores, dim=-1)
+            del scores
             if vnorm is not None:
-                weighted = probs * vnorm
-                weighted = weighted / weighted.sum(-1, keepdim=True)
+                weighted = probs * vnorm[:, None, :end]
+                weighted /= weighted.sum(-1, keepdim=True)
                 self.value_mass.setdefault(layer, []).append(
-                    reduce_to_regions(weighted, rows, onehot, self.self_index).cpu()
+                    reduce_to_regions(
+                        weighted, rows, onehot[:end], self.self_index, inplace=True
+                    ).cpu()
                 )
+            self.mass.setdefault(layer, []).append(
+                reduce_to_regions(probs, rows, onehot[:end], self.self_index, inplace=True).cpu()
+            )
 
     def stacked(self, layers: Sequence[int], value: bool = False) -> torch.Tensor:
         """``[rows, layer, head, region]`` float32 of ``layers`` (in that order).
@@ -399,7 +428,7 @@ def replay_attention(
     inputs: dict,
     region_map: RegionMap,
     *,
-    chunk: int = 256,
+    chunk: int | None = None,
     layers: Sequence[int] | None = None,
     value_weighted: bool = False,
 ) -> AttentionRecord:
@@ -415,7 +444,8 @@ def replay_attention(
             ``image_grid_thw [image, 3]``, ``mm_token_type_ids [1, pos]``; passed to
             ``model(**inputs)`` (the model derives multimodal rope positions itself).
         region_map: :func:`analysis.spans.region_labels` of the same ids.
-        chunk: queries reduced at once (peak extra memory ``head x chunk x pos`` float32).
+        chunk: query rows reduced at once (peak extra memory ``head x chunk x pos`` float32);
+            None: :func:`auto_chunk` (2 MiB of scores per chunk).
         layers: decoder layers to record, in output order; default all.
         value_weighted: also compute ``value_mass``.
 

@@ -54,7 +54,7 @@ class AttentionArgs:
         max_trajectories: at most this many trajectories per arm (0: all with saved images).
         layers: decoder layers to record (default all).
         chunk: query rows per chunk of the streaming fp32 reduction (peak extra memory
-            ``heads x chunk x positions`` float32).
+            ``heads x chunk x positions`` float32); default: 2 MiB of scores per chunk.
         value_weighted: also record value-norm-weighted mass (Kobayashi et al. 2020).
         attn_implementation: attention backend the model is loaded with (``sdpa``, ``eager``);
             the reduction recomputes each row in fp32 whatever the backend.
@@ -68,7 +68,7 @@ class AttentionArgs:
     arms: tuple[str, ...] = ()
     max_trajectories: int = 0
     layers: tuple[int, ...] | None = None
-    chunk: int = 256
+    chunk: int | None = None
     value_weighted: bool = True
     attn_implementation: str = "sdpa"
     window: int = 8
@@ -105,7 +105,7 @@ def measure(
     policy: Policy,
     trajs: list[Trajectory],
     ids: list[str],
-    chunk: int = 256,
+    chunk: int | None = None,
     layers: tuple[int, ...] | None = None,
     value_weighted: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -288,7 +288,7 @@ def write_arm(
     ids: list[str],
     refs: list[list[str | None]] | None = None,
     *,
-    chunk: int = 256,
+    chunk: int | None = None,
     layers: tuple[int, ...] | None = None,
     value_weighted: bool = False,
     extra_meta: dict | None = None,
@@ -316,7 +316,7 @@ def write_arm(
         "model_type": policy.model.config.model_type,
         "attention_backend": text._attn_implementation,
         "reduction": "fp32 softmax rows recomputed inside the attention function, query chunks "
-        f"of {chunk}; no full query x key matrix kept (analysis.replay)",
+        f"of {chunk or 'auto (2 MiB of scores)'}; no full query x key matrix kept (analysis.replay)",
         "layers": list(layers) if layers is not None else list(range(text.num_hidden_layers)),
         "heads": text.num_attention_heads,
         "kv_heads": text.num_key_value_heads,

@@ -140,14 +140,14 @@ class MeasureConfig:
         n_trajectories: held-out trajectories replayed per arm (0: skip).
         n_candidates: held-out episodes sampled to choose them from.
         temperature: sampling temperature of those episodes.
-        chunk: query rows per chunk of the streaming reduction.
+        chunk: query rows per chunk of the streaming reduction (None: 2 MiB of scores).
         window: tokens before/after a tool call in the before/after summary.
     """
 
     n_trajectories: int = 8
     n_candidates: int = 32
     temperature: float = 1.0
-    chunk: int = 256
+    chunk: int | None = None
     window: int = 8
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+from PIL import Image
 from tqdm.auto import tqdm
 
-from agent.data.pretrain import Mix, PretrainExample, pretrain_example
+from agent.data.pretrain import COLOURS, SHAPES, Mix, PretrainExample, pretrain_example
 from agent.data.tasks import TaskConfig
 from agent.modeling import Policy, TinySpec, build_tiny_model, load_policy
 from agent.rollout import Agent, AgentConfig, GenResult, rollout
@@ -39,6 +40,7 @@ STAGE1_MIX = Mix(colour=1, shape=1, present=0.5, digit=0.5, label=0, locate=0, r
 RELOOK_TINY_SPEC = TinySpec(
     text_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=384,
     vision_depth=3, vision_hidden=128, vision_heads=4, patch_size=14, merge_size=2,
+    vision_window=112,
 )  # fmt: skip
 
 
@@ -75,6 +77,15 @@ class PretrainConfig:
         family_answers: ``gold`` or ``random`` answers of the evaluation-family (``format``)
             examples (:func:`agent.data.pretrain.pretrain_example`).
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
+        vision_steps: stage 0, before any text: steps of supervised vision-tower training on
+            single-object images (colour and shape of a shape, or an MNIST digit) through a
+            temporary linear head on the mean of each image's tokens, discarded afterwards (as
+            a ViT is pretrained on labels before a VLM is built on it). Sizes, flat backgrounds
+            and difficulty follow the same curriculum as the main stages over these steps.
+            Measured: a 3-block tower learned shapes (0.94) and digits (0.34, rising) in 1,500
+            such steps of 32 images at lr 3e-4 with window 112, and nothing with window 56.
+        vision_batch: images per stage-0 step.
+        vision_lr: AdamW learning rate of stage 0 (constant after 50 warm-up steps).
         save_every: steps between resumable checkpoints.
         eval_every: steps between probe evaluations (0: only at the end).
         resume: continue from ``<out>/checkpoint`` if present.
@@ -100,6 +111,9 @@ class PretrainConfig:
     mix: Mix = field(default_factory=Mix)
     family_answers: str = "gold"
     tool_frac: float = 0.3
+    vision_steps: int = 0
+    vision_batch: int = 32
+    vision_lr: float = 3e-4
     save_every: int = 250
     eval_every: int = 500
     resume: bool = False
@@ -188,6 +202,79 @@ def curriculum(step: int, cfg: PretrainConfig) -> tuple[TaskConfig, tuple[int, i
     return tasks, _sizes(step, cfg), plain, mix
 
 
+VISION_LABELS = (len(COLOURS), len(SHAPES), 10)  # colour, shape, digit heads of stage 0
+
+
+def vision_example(
+    step: int, i: int, cfg: PretrainConfig
+) -> tuple[Image.Image, tuple[int, int, int]]:
+    """Image ``i`` of stage-0 step ``step`` and its labels ``(colour, shape, digit)`` (-1: none).
+
+    Even ``i``: a shape of a random colour; odd ``i``: a train-split MNIST digit. The curriculum
+    position ``f = step / vision_steps`` sets the object size (``size_start`` -> ``size_end``),
+    the share of flat backgrounds (``plain_start * (1 - f)``) and the difficulty (``f``).
+    """
+    from agent.data.pretrain import _scene
+    from agent.data.scene import pick_target
+
+    f = step / max(1, cfg.vision_steps)
+    rng = np.random.default_rng([cfg.seed, 11, step, i])
+    lo = round(cfg.size_start[0] + f * (cfg.size_end[0] - cfg.size_start[0]))
+    hi = max(lo, round(cfg.size_start[1] + f * (cfg.size_end[1] - cfg.size_start[1])))
+    scene = _scene(rng, "train", 1, TaskConfig(difficulty=f), plain=cfg.plain_start * (1 - f))
+    size = int(rng.integers(lo, hi + 1))
+    if i % 2 == 0:
+        colour, shape = pick_target(rng)
+        scene.add_shape(0, colour, shape, size=size)
+        return scene.images[0], (list(COLOURS).index(colour), SHAPES.index(shape), -1)
+    digit = int(rng.integers(10))
+    scene.add_digit(0, digit, size=size)
+    return scene.images[0], (-1, -1, digit)
+
+
+def vision_warmup(policy: Policy, cfg: PretrainConfig, log, progress: bool = True) -> list[float]:
+    """Stage 0: train the vision tower on labelled single-object images (see ``vision_steps``).
+
+    Loss (nats): cross-entropy of the colour, shape and digit heads, each over the images that
+    carry its label, summed. The head is discarded; the tower keeps what it learned.
+
+    Returns:
+        The per-step losses.
+    """
+    tower = policy.model.model.visual
+    torch.manual_seed(cfg.seed + 1)
+    head = torch.nn.Linear(tower.config.out_hidden_size, sum(VISION_LABELS))
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 50))
+    cuts = np.cumsum((0, *VISION_LABELS))
+    losses, t0 = [], time.perf_counter()
+    tower.train()
+    for step in tqdm(range(cfg.vision_steps), desc="stage 0: vision", disable=not progress):
+        images, labels = zip(*(vision_example(step, i, cfg) for i in range(cfg.vision_batch)))
+        px = policy.image_processor(images=list(images), return_tensors="pt")
+        tokens = tower(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+        pooled = tokens.view(len(images), -1, tokens.shape[-1]).mean(1)  # [image, d_model]
+        logits = head(pooled)
+        y = torch.tensor(labels)
+        loss = sum(
+            torch.nn.functional.cross_entropy(
+                logits[y[:, j] >= 0, cuts[j] : cuts[j + 1]], y[y[:, j] >= 0, j]
+            )
+            for j in range(len(VISION_LABELS))
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        warm.step()
+        losses.append(float(loss.detach()))
+        row = {"stage": "vision", "step": 0, "vision_step": step + 1, "loss": losses[-1]}
+        log.write(json.dumps({**row, "elapsed_s": time.perf_counter() - t0}) + "\n")
+    log.flush()
+    return losses
+
+
 def _schedule(cfg: PretrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -254,11 +341,16 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0
-    if cfg.resume and (ckpt / "trainer_state.pt").is_file():
+    resuming = cfg.resume and (ckpt / "trainer_state.pt").is_file()
+    if resuming:  # stage 0, if any, is inside the checkpoint's weights
         policy = load_policy(ckpt)
     else:
         build_tiny_model(out / "init", cfg.spec, seed=cfg.seed)
         policy = load_policy(out / "init")
+        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run (stage 0 included) restarts
+        if cfg.vision_steps:
+            with (out / "log.jsonl").open("a") as vlog:
+                vision_warmup(policy, cfg, vlog, progress)
     model = policy.model
     vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
     ids = {id(p) for p in vision}
@@ -415,6 +507,17 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
         + ", sometimes after a **random** valid tool call, so the base knows the answer space and "
         "the protocol but was never shown when or where a tool helps.",
         "",
+        *(
+            [
+                f"- Stage 0 ({cfg['vision_steps']} steps of {cfg.get('vision_batch', 32)} images, "
+                f"lr {cfg.get('vision_lr', 3e-4)}): the vision tower alone, trained on labelled "
+                "single-object images (colour and shape of a shape, or an MNIST digit) through a "
+                "temporary linear head on its mean image token, discarded afterwards; objects, "
+                "backgrounds and difficulty follow the same curriculum.",
+            ]
+            if cfg.get("vision_steps")
+            else []
+        ),
         f"- Stage 1 ({cfg['stage1_steps']} steps): kinds `{cfg['stage1_mix']}`, flat grey "
         f"backgrounds, objects of {cfg['size_start'][0]}-{cfg['size_start'][1]} px in 224 px scenes.",
         f"- Ramp (over {cfg['ramp_frac']:.0%} of the remaining steps): difficulty 0 -> 1 "

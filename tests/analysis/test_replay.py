@@ -230,6 +230,8 @@ def test_replay_matches_eager_rows(case: Case) -> None:
 def test_chunking_and_layer_selection_are_invariant(case: Case) -> None:
     rmap = _region_map(case)
     full = replay_attention(case.policy.model, case.inputs, rmap, chunk=256)
+    auto = replay_attention(case.policy.model, case.inputs, rmap)  # 2 MiB of scores per chunk
+    torch.testing.assert_close(auto.mass, full.mass, atol=1e-6, rtol=0)
     small = replay_attention(case.policy.model, case.inputs, rmap, chunk=3)
     torch.testing.assert_close(small.mass, full.mass, atol=1e-6, rtol=0)
     last = replay_attention(case.policy.model, case.inputs, rmap, layers=[1])

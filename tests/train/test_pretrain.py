@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,9 +13,9 @@ import torch
 import tyro
 from safetensors.torch import load_file
 
-from agent.data.pretrain import KINDS, Mix, pretrain_example, random_answer
+from agent.data.pretrain import COLOURS, KINDS, SHAPES, Mix, pretrain_example, random_answer
 from agent.data.tasks import FAMILIES, TaskConfig
-from agent.modeling import TinySpec
+from agent.modeling import TinySpec, build_tiny_model, load_policy
 from agent.tools import ImageFrame
 from train.pretrain import (
     STAGE1_MIX,
@@ -21,6 +23,8 @@ from train.pretrain import (
     curriculum,
     load_config,
     pretrain,
+    vision_example,
+    vision_warmup,
     write_card,
 )
 
@@ -172,3 +176,33 @@ def _fake_attention() -> dict:
         k: {**row, "before_after": {"n_events": 0, "before": 0.1, "after": 0.3}}
         for k in ("single", "multi")
     }
+
+
+def test_vision_stage_trains_only_the_tower_and_is_deterministic(tmp_path):
+    cfg = PretrainConfig(
+        out=tmp_path / "v", steps=2, batch=2, vision_steps=6, vision_batch=4, stage1_steps=1,
+        eval_every=0, spec=SMALL, seed=3,
+    )  # fmt: skip
+    img, labels = vision_example(0, 0, cfg)
+    assert labels[2] == -1 and 0 <= labels[0] < len(COLOURS) and 0 <= labels[1] < len(SHAPES)
+    assert vision_example(0, 1, cfg)[1][:2] == (-1, -1) and img.size == (224, 224)
+    again = vision_example(0, 0, cfg)[0]
+    assert np.array_equal(np.asarray(img), np.asarray(again))
+    build_tiny_model(tmp_path / "init", SMALL, seed=3)
+    policy = load_policy(tmp_path / "init")
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    log = io.StringIO()
+    losses = vision_warmup(policy, cfg, log, progress=False)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    rows = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert [r["vision_step"] for r in rows] == list(range(1, 7)) and rows[0]["stage"] == "vision"
+    for n, p in policy.model.named_parameters():
+        assert torch.equal(p, before[n]) != ("visual" in n), n  # the tower moved, nothing else
+    # the whole run: stage-0 rows, then the main steps; the same seed gives the same weights
+    first = pretrain(cfg, progress=False, probe=False)
+    steps = [json.loads(x) for x in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("vision_step", 0) for r in steps[:6]] == list(range(1, 7))
+    assert [r["step"] for r in steps[6:]] == [1, 2]
+    second = pretrain(replace(cfg, out=tmp_path / "w"), progress=False, probe=False)
+    for (n, p), (_, q) in zip(first.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n
