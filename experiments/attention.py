@@ -37,6 +37,8 @@ from analysis import rundir
 from analysis.replay import replay_attention
 from analysis.spans import RegionMap, SpecialIds, check_image_grid, region_labels
 
+AUTO_MODEL = "auto"
+
 
 @dataclass
 class AttentionArgs:
@@ -47,9 +49,10 @@ class AttentionArgs:
             or one ``trajectories.jsonl`` file.
         out: output folder; one sub-folder per arm (``attention.parquet``,
             ``attention_events.parquet``, ``meta.json``).
-        model: model directory or hub id (``relook-tiny``: the committed default base). Replay
-            the trajectories through the policy that produced them (e.g. an arm's checkpoint)
-            or through another model to compare.
+        model: model directory or hub id (``relook-tiny``: the committed default base), or
+            ``auto`` (default): each arm's own trained policy (``<arm>/model``) when it has one,
+            else relook-tiny, so that trajectories are replayed through the policy that produced
+            them. Name a model to replay every arm through it instead (to compare).
         arms: arms of a run directory to measure (default: all that have trajectories).
         max_trajectories: at most this many trajectories per arm (0: all with saved images).
         layers: decoder layers to record (default all).
@@ -64,7 +67,7 @@ class AttentionArgs:
 
     trajectories: Path
     out: Path
-    model: str = "relook-tiny"
+    model: str = "auto"
     arms: tuple[str, ...] = ()
     max_trajectories: int = 0
     layers: tuple[int, ...] | None = None
@@ -408,9 +411,16 @@ def main(args: AttentionArgs) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
     sources = _sources(Path(args.trajectories), args.arms)
-    policy = load_policy(args.model, attn_implementation=args.attn_implementation)
+    policies: dict[str, Policy] = {}
     summary = {}
     for arm, path in sources.items():
+        model = args.model
+        if model == AUTO_MODEL:
+            own = path.parent / "model"
+            model = str(own) if (own / "config.json").is_file() else "relook-tiny"
+        if model not in policies:
+            policies[model] = load_policy(model, attn_implementation=args.attn_implementation)
+        policy = policies[model]
         records = rundir.read_records(path)
         usable = [
             r

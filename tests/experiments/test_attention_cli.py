@@ -148,3 +148,15 @@ def test_command_line_errors_exit_2_with_the_name(tmp_path):
     )
     assert proc.returncode == 2 and f"--trajectories {missing}: no such file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_auto_model_is_the_arms_own_policy(saved, tiny_dir, tmp_path):
+    import shutil
+
+    _, _, run = saved
+    arm = tmp_path / "run" / "full-s0"
+    shutil.copytree(run / "full-s0", arm)
+    shutil.copytree(tiny_dir, arm / "model")
+    att_cli.main(att_cli.AttentionArgs(trajectories=arm, out=tmp_path / "o", progress=False))
+    meta = json.loads((tmp_path / "o" / "full-s0" / "meta.json").read_text())
+    assert meta["model"] == str(arm / "model") and meta["n_trajectories"] == 2
