@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -113,6 +114,7 @@ def run_arm(
             run, arm, "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
         )
         return "failed"
+    shutil.rmtree(run / arm / "checkpoints", ignore_errors=True)  # model/ holds the final policy
     rundir.finish_arm(run, arm, "complete")
     return "complete"
 
@@ -139,7 +141,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
 
     # Train
     rundir.set_arm_stage(run, arm, "train")
-    train(cfg, policy, on_step=on_step, progress=progress)
+    train(cfg, policy, on_step=on_step, progress=progress, checkpoint_dir=folder / "checkpoints")
     policy.model.save_pretrained(folder / "model")
     policy.tokenizer.save_pretrained(folder / "model")
     policy.image_processor.save_pretrained(folder / "model")

@@ -44,6 +44,9 @@ class GRPOConfig:
         micro_batch: trajectories per (right-padded) forward/backward pass of the trainer;
             gradients accumulate over the micro-batches of a mini-batch, so this changes speed
             and memory, not the update (equal up to float rounding; tested).
+        checkpoint_every: steps between crash-safe checkpoints (policy, optimizer, scheduler,
+            RNG states, data cursor, metrics; :mod:`train.checkpoint`); the last step is always
+            saved when > 0. 0: none. A rerun resumes from the newest valid checkpoint.
     """
 
     steps: int = 20
@@ -66,6 +69,7 @@ class GRPOConfig:
     reward_form: str = "imagent"
     seed: int = 0
     micro_batch: int = 8
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         if self.scale_rewards not in SCALE_REWARDS:
@@ -79,6 +83,10 @@ class GRPOConfig:
         if self.reward_form not in REWARD_FORMS:
             raise ValueError(
                 f"GRPOConfig.reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}"
+            )
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"GRPOConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}"
             )
         if self.steps < 0:
             raise ValueError(f"GRPOConfig.steps must be >= 0, got {self.steps}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from agent.data.tasks import TaskConfig, generate_one
 from agent.modeling import Policy
 from agent.rollout import Agent, Generator, HFGenerator, rollout
 from train.batching import batch_inputs, batched_token_log_probs, loss_weights, pad_right
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import ArmConfig, DataConfig
 from train.core_algos import (
     agg_loss,
@@ -56,19 +59,29 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
     generator: Generator | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> list[dict]:
     """Train ``policy`` in place with GRPO for ``cfg.grpo.steps`` steps.
 
+    With ``checkpoint_dir``, a checkpoint is written every ``cfg.grpo.checkpoint_every`` steps
+    (and after the last), and training resumes from the newest valid checkpoint found there
+    (a run killed at any point, SIGKILL included, continues with the same per-step metrics as
+    an uninterrupted run: weights, optimizer, scheduler, torch and shuffle RNG states and the
+    data cursor are restored). A checkpoint written by a different config is ignored with a
+    warning.
+
     Args:
         cfg: the arm's config (agent tools switch, GRPO + mask switches + tool gain, data).
-        policy: the loaded policy; its model's parameters are updated in place.
+        policy: the loaded (base) policy; its model's parameters are updated in place.
         on_step: called with each step's metrics row (``step`` + ``namespace/name`` floats),
-            e.g. to append it to the run directory at once.
+            e.g. to append it to the run directory at once; on resume it is first called
+            with every restored row, in order.
         progress: show a tqdm bar.
         generator: the rollout backend (default: transformers ``generate`` on ``policy.model``).
+        checkpoint_dir: where checkpoints live (None: no checkpoints, no resume).
 
     Returns:
-        The list of metric rows.
+        The list of metric rows (restored ones included).
     """
     g = cfg.grpo
     torch.manual_seed(g.seed)
@@ -86,8 +99,15 @@ def train(
     ref_model = copy.deepcopy(model).eval() if g.beta > 0 else None
     tasks = task_config(cfg.data)
     shuffle = torch.Generator().manual_seed(g.seed)
-    rows = []
-    for step in trange(g.steps, desc=f"train {cfg.name}", disable=not progress, leave=False):
+    rows: list[dict] = []
+    start = _resume(cfg, model, optimizer, scheduler, shuffle, checkpoint_dir, rows)
+    if on_step is not None:
+        for row in rows:
+            on_step(row)
+    for step in trange(
+        start, g.steps, desc=f"train {cfg.name}", disable=not progress, leave=False,
+        initial=start, total=g.steps,
+    ):  # fmt: skip
         t0 = time.perf_counter()
         # Rollout
         samples = [
@@ -132,10 +152,51 @@ def train(
             }
         )
         rows.append(row)
+        done = step + 1
+        if (
+            checkpoint_dir is not None
+            and g.checkpoint_every
+            and (done % g.checkpoint_every == 0 or done == g.steps)
+        ):
+            state = {
+                "config": asdict(cfg),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "shuffle_rng": shuffle.get_state(),
+                "rows": rows,
+            }
+            save_checkpoint(checkpoint_dir, done, model, state)
         if on_step is not None:
             on_step(row)
     model.eval()
     return rows
+
+
+def _resume(cfg, model, optimizer, scheduler, shuffle, checkpoint_dir, rows: list) -> int:
+    """Restore the newest valid checkpoint of ``cfg``'s run into the trainer state; returns the
+    step to start at (0: nothing to resume). Restored metric rows are appended to ``rows``."""
+    if checkpoint_dir is None:
+        return 0
+    found = latest_checkpoint(checkpoint_dir)
+    if found is None:
+        return 0
+    state = torch.load(Path(found) / "trainer_state.pt", weights_only=False)
+    if state.get("config") != asdict(cfg):
+        warnings.warn(
+            f"ignoring checkpoint {found}: it was written by a different config", stacklevel=3
+        )
+        return 0
+    state = load_checkpoint(found, model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    shuffle.set_state(state["shuffle_rng"])
+    rows.extend(state["rows"])
+    return int(state["step"])
 
 
 def _logprob_gap(trajs, old_lp) -> float:

@@ -1,0 +1,175 @@
+"""Crash-safe checkpoints of the GRPO trainer: policy, optimizer, scheduler, RNG states, data
+cursor and metrics, written atomically and verified on load.
+
+Layout of a checkpoint directory (one per saved step, ``step-000012``; the newest ``keep`` are
+kept)::
+
+    step-000012/model.safetensors, config.json, ...   the policy (``save_pretrained``)
+    step-000012/trainer_state.pt   optimizer, scheduler, torch + shuffle RNG, step, metric rows
+    step-000012/manifest.json      written last: sha256 and size of every other file
+
+A checkpoint is written into a temporary folder, flushed to disk, then renamed into place (an
+atomic rename on POSIX), so a killed writer leaves at most a ``.tmp-*`` folder, never a
+half-written ``step-*``. A checkpoint whose files no longer match its manifest (cut off or
+corrupted after the fact) is rejected on load, and the previous one is used
+(:func:`latest_checkpoint`). Same idea as DeepSpeed's ``latest`` tag and TRL/transformers'
+``checkpoint-N`` folders, with verification added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``root/step-{step:06d}`` atomically and prune older ones.
+
+    Args:
+        root: the checkpoints folder (created).
+        step: steps completed (the data cursor: training resumes at this step index).
+        model: a transformers model (``save_pretrained``; safetensors).
+        state: trainer state to ``torch.save`` (optimizer/scheduler state dicts, RNG states,
+            metric rows, ...); ``step`` is added.
+        keep: newest checkpoints to keep (>= 1).
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: ``keep < 1`` or ``step < 0``.
+    """
+    if keep < 1 or step < 0:
+        raise ValueError(f"save_checkpoint needs keep >= 1 and step >= 0, got {keep}, {step}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    torch.save({**state, "step": step}, tmp / STATE)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "step": step,
+        "files": {
+            str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in files
+        },
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for p in [*files, tmp / MANIFEST]:
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # a rerun of the same step replaces it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    for old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (unverified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """None if ``folder`` is a complete checkpoint whose files match its manifest, else the
+    reason (names the file)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path}: missing (the write never finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"{manifest_path}: unreadable ({exc})"
+    if STATE not in files:
+        return f"{manifest_path}: lists no {STATE}"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']} (cut off)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{path}: sha256 differs from the manifest (corrupted)"
+    return None
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies, or None. A newer checkpoint that
+    fails verification is skipped with a warning naming it and the reason."""
+    for folder in reversed(checkpoints(root)):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(folder: str | Path, model) -> dict[str, Any]:
+    """Load a verified checkpoint's weights into ``model`` (in place); returns its trainer state.
+
+    Raises:
+        ValueError: the checkpoint does not verify (the message names the file).
+        RuntimeError: its weights do not fit ``model`` (``load_state_dict``, strict).
+    """
+    folder = Path(folder)
+    problem = verify_checkpoint(folder)
+    if problem is not None:
+        raise ValueError(f"cannot resume from {folder}: {problem}")
+    # from_pretrained applies the family's checkpoint key mapping that save_pretrained reversed
+    saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+    return torch.load(folder / STATE, weights_only=False)
+
+
+__all__ = [
+    "checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
