@@ -5,7 +5,8 @@ Layout of a checkpoint directory (one per saved step, ``step-000012``; the newes
 kept)::
 
     step-000012/model.safetensors, config.json, ...   the policy (``save_pretrained``)
-    step-000012/trainer_state.pt   optimizer, scheduler, torch + shuffle RNG, step, metric rows
+    step-000012/trainer_state.pt   engine (optimizer, scheduler), shuffle RNG, step, metric rows
+    step-000012/rank-00000.pt      per rank: torch RNG, and ZeRO's optimizer partition
     step-000012/manifest.json      written last: sha256 and size of every other file
 
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place (an
@@ -14,6 +15,11 @@ half-written ``step-*``. A checkpoint whose files no longer match its manifest (
 corrupted after the fact) is rejected on load, and the previous one is used
 (:func:`latest_checkpoint`). Same idea as DeepSpeed's ``latest`` tag and TRL/transformers'
 ``checkpoint-N`` folders, with verification added.
+
+Under data parallelism every rank calls :func:`save_checkpoint`: each writes its own
+``rank-*.pt`` into the shared temporary folder, and rank 0 alone writes the rest, the manifest
+(covering every rank's file) and renames the folder. Several nodes therefore need a shared
+filesystem for ``root``, as DeepSpeed's own checkpoints do.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from train import dist
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -50,22 +58,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def rank_file(rank: int) -> str:
+    """Name of rank ``rank``'s own file in a checkpoint."""
+    return f"rank-{rank:05d}.pt"
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
     model,
     state: dict[str, Any],
     keep: int = 2,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``root/step-{step:06d}`` atomically and prune older ones.
+
+    Under data parallelism this is a collective: every rank calls it (with its own
+    ``rank_state``); only rank 0 writes ``model``, ``state`` and the manifest.
 
     Args:
         root: the checkpoints folder (created).
         step: steps completed (the data cursor: training resumes at this step index).
-        model: a transformers model (``save_pretrained``; safetensors).
-        state: trainer state to ``torch.save`` (optimizer/scheduler state dicts, RNG states,
-            metric rows, ...); ``step`` is added.
+        model: a transformers model (``save_pretrained``; safetensors); read on rank 0 only.
+        state: trainer state to ``torch.save`` (optimizer/scheduler state dicts, metric rows,
+            ...); ``step`` is added. Read on rank 0 only.
         keep: newest checkpoints to keep (>= 1).
+        rank_state: this rank's own state (RNG, a ZeRO optimizer partition), saved as
+            :func:`rank_file` of its rank; None: none.
 
     Returns:
         The checkpoint folder.
@@ -76,11 +95,27 @@ def save_checkpoint(
     if keep < 1 or step < 0:
         raise ValueError(f"save_checkpoint needs keep >= 1 and step >= 0, got {keep}, {step}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".tmp-{final.name}-{dist.broadcast_object(os.getpid())}"
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    if rank_state is not None:
+        own = tmp / rank_file(dist.rank())
+        torch.save(rank_state, own)
+        with own.open("rb") as f:
+            os.fsync(f.fileno())
+    dist.barrier()
+    if dist.is_main():
+        _finish(root, tmp, final, step, model, state, keep)
+    dist.barrier()
+    return final
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, model, state: dict, keep: int) -> None:
+    """Rank 0's part of :func:`save_checkpoint`: model, state, manifest, rename, prune."""
     model.save_pretrained(tmp)
     torch.save({**state, "step": step}, tmp / STATE)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -101,7 +136,6 @@ def save_checkpoint(
     _fsync_dir(root)
     for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def checkpoints(root: str | Path) -> list[Path]:
@@ -166,10 +200,25 @@ def load_checkpoint(folder: str | Path, model) -> dict[str, Any]:
     return torch.load(folder / STATE, weights_only=False)
 
 
+def load_rank_state(folder: str | Path, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s own state saved in checkpoint ``folder`` (see ``rank_state`` of
+    :func:`save_checkpoint`).
+
+    Raises:
+        ValueError: the checkpoint has no file for that rank (written by fewer processes).
+    """
+    path = Path(folder) / rank_file(rank)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (the checkpoint was written by fewer processes)")
+    return torch.load(path, weights_only=False)
+
+
 __all__ = [
     "checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_rank_state",
+    "rank_file",
     "save_checkpoint",
     "verify_checkpoint",
 ]

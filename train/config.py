@@ -12,6 +12,8 @@ from agent.rollout import AgentConfig
 from train.core_algos import LOSS_AGG, SCALE_REWARDS
 
 REWARD_FORMS = ("imagent", "deepeyes")
+ENGINES = ("torch", "deepspeed")
+ROLLOUT_SEEDING = ("batch", "group")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,20 @@ class GRPOConfig:
         checkpoint_every: steps between crash-safe checkpoints (policy, optimizer, scheduler,
             RNG states, data cursor, metrics; :mod:`train.checkpoint`); the last step is always
             saved when > 0. 0: none. A rerun resumes from the newest valid checkpoint.
+        engine: the update engine (:mod:`train.engine`): ``torch`` (AdamW in this process;
+            gradients all-reduced under data parallelism) or ``deepspeed`` (DeepSpeed ZeRO with
+            the same AdamW, schedule and clip; fp32 on CPU, bf16 on CUDA).
+        zero_stage: DeepSpeed ZeRO stage, 2 (optimizer state and gradients partitioned over
+            ranks) or 3 (parameters too); ``engine="deepspeed"`` only.
+        gradient_checkpointing: recompute activations in the backward pass (transformers'
+            ``gradient_checkpointing_enable``, non-reentrant): less memory, ~30% more time.
+        rollout_seeding: sampling randomness of the rollouts. ``batch``: one torch stream
+            seeded once with ``seed`` (under data parallelism each rank's stream is seeded
+            from ``(seed, rank)``), all of a rank's prompts generated in one batch. ``group``:
+            each prompt group is generated in its own batch from a stream seeded with
+            ``(seed, step, group index)``, so the rollouts do not depend on how many processes
+            share the step (an N-process run samples exactly what a 1-process run samples),
+            at the cost of smaller generation batches.
     """
 
     steps: int = 20
@@ -70,6 +86,10 @@ class GRPOConfig:
     seed: int = 0
     micro_batch: int = 8
     checkpoint_every: int = 10
+    engine: str = "torch"
+    zero_stage: int = 2
+    gradient_checkpointing: bool = False
+    rollout_seeding: str = "batch"
 
     def __post_init__(self) -> None:
         if self.scale_rewards not in SCALE_REWARDS:
@@ -83,6 +103,15 @@ class GRPOConfig:
         if self.reward_form not in REWARD_FORMS:
             raise ValueError(
                 f"GRPOConfig.reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}"
+            )
+        if self.engine not in ENGINES:
+            raise ValueError(f"GRPOConfig.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"GRPOConfig.zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.rollout_seeding not in ROLLOUT_SEEDING:
+            raise ValueError(
+                f"GRPOConfig.rollout_seeding must be one of {ROLLOUT_SEEDING}, "
+                f"got {self.rollout_seeding!r}"
             )
         if self.checkpoint_every < 0:
             raise ValueError(
