@@ -10,6 +10,30 @@ Examples:
     python -m experiments.ablate --grid smoke --out runs/smoke
     python -m experiments.ablate --grid smoke --model random   # untrained tiny model (tests)
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
+    python -m experiments.ablate --grid smoke --engine deepspeed --zero-stage 2   # 1 process
+
+Data-parallel training (:mod:`train.loop`): every process runs this same module; each arm is
+trained by all of them together (each rolls out and trains on ``prompts_per_step / N`` of every
+step's prompts, which must divide evenly), then rank 0 alone saves, evaluates and measures the
+arm while the others wait. Arms run one after another (``--workers`` is ignored: a pool of arm
+processes cannot share one process group). Only rank 0 writes the run directory; the
+checkpoints folder must be on a filesystem every node sees. On CPU set ``DS_ACCELERATOR=cpu``
+(gloo backend); on GPUs the backend is nccl and DeepSpeed trains in bf16::
+
+    # 2 processes on one machine, torch's launcher (engine torch or deepspeed)
+    torchrun --nproc_per_node 2 -m experiments.ablate --grid smoke --engine deepspeed \
+        --rollout-seeding group --out runs/dp
+    # the same with DeepSpeed's launcher (it adds --local_rank, which is accepted and ignored)
+    deepspeed --num_accelerators 2 --module experiments.ablate --grid smoke \
+        --engine deepspeed --out runs/dp
+    # several nodes: a hostfile of "host slots=N" lines, a run dir every node sees; from node0
+    # with passwordless ssh to the others:
+    deepspeed --hostfile hostfile --master_addr node0 --module experiments.ablate \
+        --model /ckpt/Qwen2.5-VL-7B-Instruct --engine deepspeed --zero-stage 3 \
+        --gradient-checkpointing True --out /shared/runs/7b
+    # without ssh: the same command on every node i, with --no_ssh --node_rank i added;
+    # or torchrun on every node i of M: torchrun --nnodes M --node_rank i \
+    #     --nproc_per_node 8 --master_addr node0 --master_port 29500 -m experiments.ablate ...
 """
 
 from __future__ import annotations
@@ -25,6 +49,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
 from analysis.rundir import atomic_write_json
 from experiments.grids import GRIDS, grid_arms
@@ -51,8 +76,14 @@ class AblateArgs:
         arms: subset of arms (default all of ``base full tools_none masks_off gain0``).
         steps: override the grid's GRPO steps (0 keeps them).
         workers: arms trained in parallel processes (1 thread each; OFFLINE.md: two 1-thread
-            jobs beat one 2-thread job on this machine).
+            jobs beat one 2-thread job on this machine). Ignored (1) under a distributed launch.
         progress: show progress bars.
+        engine: override the grid's update engine: ``torch`` or ``deepspeed`` (None: keep).
+        zero_stage: override the DeepSpeed ZeRO stage, 2 or 3 (None: keep).
+        gradient_checkpointing: override activation checkpointing (None: keep).
+        rollout_seeding: override the rollout seeding, ``batch`` or ``group`` (None: keep;
+            ``group`` makes an N-process run sample what a 1-process run samples).
+        local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
     """
 
     grid: str = "default"
@@ -63,6 +94,16 @@ class AblateArgs:
     steps: int = 0
     workers: int = 2
     progress: bool = True
+    engine: Literal["torch", "deepspeed"] | None = None
+    zero_stage: Literal[2, 3] | None = None
+    gradient_checkpointing: bool | None = None
+    rollout_seeding: Literal["batch", "group"] | None = None
+    local_rank: int = -1
+
+    def grpo_overrides(self) -> dict:
+        """The :class:`GRPOConfig` fields this command line overrides."""
+        names = ("engine", "zero_stage", "gradient_checkpointing", "rollout_seeding")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 def _quiet_transformers() -> None:
@@ -95,13 +136,20 @@ def run_arm(
 
     Exceptions are recorded in the arm's ``status.json`` (status "failed", the error message),
     never left looking complete; ``KeyboardInterrupt`` propagates after marking the arm failed.
+
+    Under data parallelism every rank calls it: ranks > 0 only train (:func:`_train_rank`);
+    an exception is recorded and then raised, since the other ranks cannot go on without
+    this one (the launcher stops them; a rerun resumes from the arm's last checkpoint).
     """
     import torch
 
     from analysis import rundir
+    from train import dist
 
     torch.set_num_threads(1)
     _quiet_transformers()
+    if not dist.is_main():
+        return _train_rank(run, cfg, base_model)
     arm = cfg.name
     rundir.start_arm(run, arm, {**asdict(cfg), "base_model": base_model})
     try:
@@ -113,9 +161,26 @@ def run_arm(
         rundir.finish_arm(
             run, arm, "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
         )
+        if dist.world_size() > 1:
+            raise
         return "failed"
     shutil.rmtree(run / arm / "checkpoints", ignore_errors=True)  # model/ holds the final policy
     rundir.finish_arm(run, arm, "complete")
+    dist.barrier()  # ranks > 0 wait here while this one evaluates and measures
+    return "complete"
+
+
+def _train_rank(run: Path, cfg: ArmConfig, base_model: str) -> str:
+    """A rank > 0's share of an arm: its part of the data-parallel training, then it waits
+    for rank 0 to finish the arm. Writes nothing but its own checkpoint rank files."""
+    from agent.modeling import load_policy
+    from train import dist
+    from train.loop import train
+
+    train(
+        cfg, load_policy(base_model), progress=False, checkpoint_dir=run / cfg.name / "checkpoints"
+    )
+    dist.barrier()
     return "complete"
 
 
@@ -285,12 +350,42 @@ def _first(df, column: str) -> float:
 
 
 def main(args: AblateArgs) -> Path:
-    """Run the grid; returns the run directory."""
-    from analysis import rundir
+    """Run the grid; returns the run directory. Under a distributed launch (``WORLD_SIZE`` >
+    1; module docstring) every rank runs this, and only rank 0 writes and reports."""
+    from train import dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet_transformers()
-    configs = grid_arms(args.grid, args.seeds, args.arms, args.model, args.steps)
+    configs = grid_arms(
+        args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides()
+    )
+    if dist.init_from_env():
+        for cfg in configs:
+            dist.shard(cfg.grpo.prompts_per_step)  # fail early (every rank) if it cannot split
+        if not dist.is_main():
+            return _follow(configs, args)
+        if args.workers > 1:
+            print(f"distributed launch ({dist.world_size()} processes): arms run one at a time")
+    return _lead(configs, args)
+
+
+def _follow(configs: list[ArmConfig], args: AblateArgs) -> Path:
+    """A rank > 0: train the arms rank 0 names, in its order."""
+    from train import dist
+
+    run, base, todo = dist.broadcast_object(None)
+    for cfg in configs:
+        if cfg.name in todo:
+            run_arm(run, cfg, base, progress=False)
+    dist.barrier()
+    return run
+
+
+def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
+    """Rank 0 (or the only process): create or resume the run directory and run the arms."""
+    from analysis import rundir
+    from train import dist
+
     if args.model != RANDOM_MODEL:
         from agent.modeling import load_policy
 
@@ -308,7 +403,10 @@ def main(args: AblateArgs) -> Path:
         todo = [c for c in configs if c.name not in done]
         if done:
             print(f"resuming {run}: skipping complete arms {sorted(done)}")
+        if dist.world_size() > 1:
+            dist.broadcast_object((run, base, [c.name for c in todo]))
         _run_all(run, todo, base, args)
+        dist.barrier()
     except KeyboardInterrupt:
         flipped = rundir.mark_interrupted(run)
         print(f"\ninterrupted: {run} marked incomplete (arms {flipped})", file=sys.stderr)
@@ -328,7 +426,9 @@ def main(args: AblateArgs) -> Path:
 def _run_all(run: Path, todo: list[ArmConfig], base: str, args: AblateArgs) -> None:
     from tqdm.auto import tqdm
 
-    if args.workers <= 1 or len(todo) <= 1:
+    from train import dist
+
+    if args.workers <= 1 or len(todo) <= 1 or dist.world_size() > 1:
         for cfg in tqdm(todo, desc="arms", disable=not args.progress):
             run_arm(run, cfg, base, args.progress)
         return

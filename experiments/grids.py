@@ -67,17 +67,25 @@ def arm_config(base: dict, arm: str, seed: int, model: str = "") -> ArmConfig:
 
 
 def grid_arms(
-    grid: str, seeds: tuple[int, ...], arms: tuple[str, ...] = (), model: str = "", steps: int = 0
+    grid: str,
+    seeds: tuple[int, ...],
+    arms: tuple[str, ...] = (),
+    model: str = "",
+    steps: int = 0,
+    grpo: dict | None = None,
 ) -> list[ArmConfig]:
-    """All arm configs of ``grid`` for ``seeds`` (optionally only ``arms``, or ``steps`` overridden).
+    """All arm configs of ``grid`` for ``seeds`` (optionally only ``arms``, or ``steps`` and
+    other :class:`GRPOConfig` fields (``grpo``, e.g. ``{"engine": "deepspeed"}``) overridden).
 
     Raises:
-        ValueError: unknown grid or arm names.
+        ValueError: unknown grid or arm names, or an invalid override.
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; known: {sorted(GRIDS)}")
     base = dict(GRIDS[grid])
     if steps:
         base["grpo"] = replace(base["grpo"], steps=steps)
+    if grpo:
+        base["grpo"] = replace(base["grpo"], **grpo)
     names = arms or tuple(ARM_SWITCHES)
     return [arm_config(base, a, s, model) for s in seeds for a in names]

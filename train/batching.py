@@ -96,7 +96,11 @@ def batch_weights(trajs: list[Trajectory], weights: list[torch.Tensor]) -> torch
 
 
 def batched_token_log_probs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """:func:`token_log_probs` for a right-padded batch: ``[batch, pos]``, 0 at position 0."""
+    """:func:`token_log_probs` for a right-padded batch: ``[batch, pos]``, 0 at position 0, on
+    the model's device (inputs are moved there when the model names one, e.g. a GPU)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     ids = inputs["input_ids"][:, 1:]
     lp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)

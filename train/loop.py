@@ -115,6 +115,7 @@ def train(
         ValueError: ``prompts_per_step`` is not divisible by the world size.
     """
     g = cfg.grpo
+    dist.init_from_env()
     rank = dist.rank()
     groups = dist.shard(g.prompts_per_step)  # this rank's prompt groups (all of them in 1 process)
     model = policy.model
@@ -317,7 +318,7 @@ def _log_probs(model, trajs, image_token_id: int, pad_id: int, micro_batch: int)
     out = []
     for i in range(0, len(trajs), micro_batch):
         sub = trajs[i : i + micro_batch]
-        lp = batched_token_log_probs(model, batch_inputs(sub, image_token_id, pad_id))
+        lp = batched_token_log_probs(model, batch_inputs(sub, image_token_id, pad_id)).cpu()
         out += [lp[j, : len(t.token_ids)] for j, t in enumerate(sub)]
     return out
 
@@ -354,21 +355,22 @@ def _micro_loss(model, g, batch: _Batch, idx: list[int], n_tokens: float, n_seqs
     trajs = [batch.trajs[i - batch.offset] for i in idx]
     width = max(len(t.token_ids) for t in trajs)
     lp = batched_token_log_probs(model, batch_inputs(trajs, batch.image_token_id, batch.pad_id))
-    w = pad_right([batch.weights[i] for i in idx], width)
-    old = pad_right([batch.old_lp[i - batch.offset] for i in idx], width)
+    dev = lp.device  # the rest of the batch is built on the CPU
+    w = pad_right([batch.weights[i] for i in idx], width).to(dev)
+    old = pad_right([batch.old_lp[i - batch.offset] for i in idx], width).to(dev)
     isw = None
     if g.tis_cap > 0:
         rollout_lp = pad_right([torch.tensor(t.rollout_log_probs) for t in trajs], width)
-        isw = truncated_is_weights(old, rollout_lp, g.tis_cap)
+        isw = truncated_is_weights(old, rollout_lp.to(dev), g.tis_cap)
     loss, st = clipped_policy_loss(
-        lp, old, batch.advantages[idx], w, g.clip_eps_low, g.clip_eps_high, g.loss_agg,
+        lp, old, batch.advantages[idx].to(dev), w, g.clip_eps_low, g.clip_eps_high, g.loss_agg,
         n_tokens, isw,
     )  # fmt: skip
     if g.loss_agg == "seq-mean-token-mean":  # from a mean over this micro-batch's sequences
         loss = loss * sum(float(batch.weights[i].sum()) > 0 for i in idx) / n_seqs
     kl = None
     if batch.ref_lp is not None:
-        ref = pad_right([batch.ref_lp[i - batch.offset] for i in idx], width)
+        ref = pad_right([batch.ref_lp[i - batch.offset] for i in idx], width).to(dev)
         kl = agg_loss(kl_k3(lp, ref), w, "token-mean", n_tokens)
     return loss, kl, st, w
 

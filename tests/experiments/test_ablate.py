@@ -157,3 +157,60 @@ def test_seed_table_pools_seeds_per_arm(smoke_run):
     assert full[1] == "1" and float(full[2]) == pytest.approx(
         evals.loc["full-s0", "accuracy"], abs=5e-4
     )
+
+
+def test_command_line_overrides_engine_fields():
+    import tyro
+
+    argv = ["--local_rank=1", "--engine", "deepspeed", "--zero-stage", "3", "--arms", "full"]
+    args = tyro.cli(ablate.AblateArgs, args=[*argv, "--rollout-seeding", "group"])
+    assert args.grpo_overrides() == {
+        "engine": "deepspeed",
+        "zero_stage": 3,
+        "rollout_seeding": "group",
+    }
+    (cfg,) = grid_arms("smoke", (0,), args.arms, grpo=args.grpo_overrides())
+    assert (cfg.grpo.engine, cfg.grpo.zero_stage, cfg.grpo.steps) == ("deepspeed", 3, 2)
+    assert tyro.cli(ablate.AblateArgs, args=[]).grpo_overrides() == {}
+
+
+def test_torchrun_launch_trains_like_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m experiments.ablate --engine deepspeed``: rank 0 writes
+    a complete run directory whose metrics equal a 1-process torch-engine run's (same rollouts:
+    group seeding), within float rounding."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.train.test_engine import assert_rows_close
+
+    flags = ["--grid", "smoke", "--arms", "full", "--seeds", "0", "--rollout-seeding", "group"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", port, "-m", "experiments.ablate", *flags, "--engine", "deepspeed",
+        "--out", str(tmp_path / "two"), "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().count("run directory:") == 1  # rank 0 reports, alone
+    two = tmp_path / "two"
+    assert rundir.load_manifest(two)["status"] == "complete"
+    one = ablate.main(
+        _args(tmp_path / "one", arms=("full",), rollout_seeding="group", model="relook-tiny")
+    )
+    rows = {
+        name: rundir.load_metrics(run).drop(columns="arm").to_dict("records")
+        for name, run in (("one", one), ("two", two))
+    }
+    assert len(rows["two"]) == 2
+    assert_rows_close(rows["two"], rows["one"])
+    assert not (two / "full-s0" / "checkpoints").exists()
