@@ -106,19 +106,20 @@ def _with(cfg: ArmConfig, **grpo) -> ArmConfig:
     return replace(cfg, grpo=replace(cfg.grpo, **grpo))
 
 
-@needs_tiny
 @pytest.mark.parametrize("name", ["a", "b"])
-def test_torch_engine_rows_equal_the_pre_engine_loop(name):
-    """Bit-identical to the loop before train.engine existed (rows recorded from it)."""
+def test_torch_engine_rows_equal_the_pre_engine_loop(name, tiny_dir):
+    """Bit-identical to the loop before train.engine existed (commit d4286c7): its rows on the
+    seed-0 random tiny model (``build_tiny_model(seed=0)``, the ``tiny_dir`` fixture) were
+    recorded in golden_loop_rows.json."""
     golden = json.loads(GOLDEN.read_text())
-    weights = hashlib.sha256((RELOOK_TINY_DIR / "model.safetensors").read_bytes()).hexdigest()
+    weights = hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()
     versions = {
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "relook-tiny": weights,
+        "tiny-seed0": weights,
     }  # fmt: skip
     if golden["versions"] != versions:
         pytest.skip(f"golden rows recorded with {golden['versions']}, running {versions}")
-    rows = train(GOLDEN_CONFIGS[name], load_policy(RELOOK_TINY_DIR), progress=False)
+    rows = train(GOLDEN_CONFIGS[name], load_policy(tiny_dir), progress=False)
     assert _comparable(rows) == golden["rows"][name]
 
 
