@@ -122,8 +122,10 @@ class TinySpec:
         merge_size: spatial merge factor (``merge_size**2`` patches make one image token).
         vision_window: Qwen2.5-VL vision window attention size in pixels (``window_size``);
             every block but the last attends within windows of this side. Qwen2.5-VL uses 112;
-            56 (the tests' default) cuts a 112 px image into 2 x 2-token windows. Measured:
-            a 3-block tower learned shapes and digits only with 112 (full attention at 112 px).
+            56 (the tests' default) cuts a 112 px image into 2 x 2-token windows. Measured
+            (tower + linear head, flat backgrounds): window 56 at lr 1e-3 stayed at chance on
+            shapes and digits for 1,500 steps; window 112 at lr 3e-4 reached 0.94 shapes and
+            0.34 digits (lr and window were not separated).
         vocab_size: target BPE vocabulary size (tokens), special and tag tokens included.
         max_pixels: image processor's pixel cap per image (pixels, h*w); bounds tokens per image.
         min_pixels: image processor's pixel floor per image.
