@@ -106,11 +106,13 @@ def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> None:
         df.to_parquet(f, engine="pyarrow", index=False)
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (timestamps of run files)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _relook_version() -> str:
+def relook_version() -> str:
+    """The installed relook version ("0.1.0+src" for a source checkout not pip-installed)."""
     try:
         return importlib.metadata.version("relook")
     except importlib.metadata.PackageNotFoundError:  # a source checkout
@@ -148,7 +150,7 @@ def create_run(
     if root.exists() and not root.is_dir():
         raise RunDirError(f"{root}: exists and is not a folder")
     manifest = dict(
-        relook_version=_relook_version(), created=_now(), grid=grid, arms=list(arms),
+        relook_version=relook_version(), created=utc_now(), grid=grid, arms=list(arms),
         seeds=[int(s) for s in seeds], versions=dict(versions), status="running",
     )  # fmt: skip
     if root.is_dir() and any(root.iterdir()):
@@ -161,7 +163,7 @@ def create_run(
         if old.get("grid") != grid:
             raise RunDirError(f"{root}: holds grid {old.get('grid')!r}, not {grid!r}")
         manifest["created"] = old.get("created", manifest["created"])
-        manifest["resumed"] = _now()
+        manifest["resumed"] = utc_now()
         manifest["arms"] = list(dict.fromkeys([*old.get("arms", []), *arms]))
         manifest["seeds"] = sorted({*old.get("seeds", []), *manifest["seeds"]})
     root.mkdir(parents=True, exist_ok=True)
@@ -185,7 +187,7 @@ def start_arm(run: str | Path, arm: str, config: dict[str, Any] | Any) -> Path:
     folder = run / arm
     folder.mkdir(exist_ok=True)
     atomic_write_json(folder / CONFIG, config)
-    status = dict(status="running", started=_now(), finished=None, error=None, stage="start")
+    status = dict(status="running", started=utc_now(), finished=None, error=None, stage="start")
     atomic_write_json(folder / STATUS, status)
     return folder
 
@@ -204,7 +206,7 @@ def finish_arm(
     if status not in ("complete", "failed"):
         raise ValueError(f"finish_arm: status must be 'complete' or 'failed', got {status!r}")
     record = _read_status(Path(run), arm)
-    record.update(status=status, finished=_now(), error=error)
+    record.update(status=status, finished=utc_now(), error=error)
     if status == "complete":
         record["stage"] = "done"
     atomic_write_json(Path(run) / arm / STATUS, record)
@@ -217,7 +219,7 @@ def finish_run(run: str | Path) -> str:
     arms = list_arms(run)
     done = set(arms.loc[arms["status"] == "complete", "arm"])
     manifest["status"] = "complete" if set(manifest["arms"]) <= done else "incomplete"
-    manifest["finished"] = _now()
+    manifest["finished"] = utc_now()
     atomic_write_json(run / MANIFEST, manifest)
     return str(manifest["status"])
 
@@ -240,7 +242,7 @@ def mark_interrupted(run: str | Path) -> list[str]:
         except RunDirError:
             status = {"status": "running", "started": None, "stage": "unknown"}
         if status.get("status") == "running":
-            status.update(status="failed", finished=_now(), error="interrupted")
+            status.update(status="failed", finished=utc_now(), error="interrupted")
             atomic_write_json(run / arm / STATUS, status)
             flipped.append(arm)
     manifest["status"] = "incomplete"

@@ -280,7 +280,7 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "nnsight": getattr(nnsight, "__version__", "?"),
-        "relook": rundir._relook_version(),
+        "relook": rundir.relook_version(),
     }
 
 
@@ -313,7 +313,7 @@ def write_arm(
     text = policy.model.config.get_text_config()
     refs = refs or [[None] * len(t.images) for t in trajs]
     meta = {
-        "created": rundir._now(),
+        "created": rundir.utc_now(),
         "versions": versions(),
         "model": policy.path,
         "model_type": policy.model.config.model_type,

@@ -183,15 +183,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: str | Path, model) -> dict[str, Any]:
+def load_checkpoint(folder: str | Path, model, verify: bool = True) -> dict[str, Any]:
     """Load a verified checkpoint's weights into ``model`` (in place); returns its trainer state.
+
+    Args:
+        folder: the checkpoint folder.
+        model: the model to load into.
+        verify: check the files against the manifest first (False when the caller has just
+            chosen ``folder`` with :func:`latest_checkpoint`, which verified it: hashing a
+            multi-GB checkpoint twice is pure cost).
 
     Raises:
         ValueError: the checkpoint does not verify (the message names the file).
         RuntimeError: its weights do not fit ``model`` (``load_state_dict``, strict).
     """
     folder = Path(folder)
-    problem = verify_checkpoint(folder)
+    problem = verify_checkpoint(folder) if verify else None
     if problem is not None:
         raise ValueError(f"cannot resume from {folder}: {problem}")
     # from_pretrained applies the family's checkpoint key mapping that save_pretrained reversed

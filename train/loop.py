@@ -289,7 +289,7 @@ def _resume(cfg, engine: Engine, model, shuffle, checkpoint_dir, rows: list) -> 
         raise ValueError(problem)
     if found is None:
         return 0
-    state = load_checkpoint(found, model)
+    state = load_checkpoint(found, model, verify=False)  # latest_checkpoint verified it
     own = load_rank_state(found, dist.rank())
     engine.load_state_dict(own["engine"] if engine.sharded_state else state["engine"])
     torch.set_rng_state(own["torch_rng"])
