@@ -48,6 +48,9 @@ class GRPOConfig:
         tool_gain: reward gain g for successful tool use (0 turns the gain off).
         reward_form: ``imagent`` (``acc * (1 + g * used) + 0.2 * fmt``) or ``deepeyes``.
         seed: seed of sampling, data order and initialisation of the trainer state.
+        freeze_vision_tower: leave the vision tower (every parameter under ``.visual.``, the
+            patch merger included) out of the update, as verl's
+            ``actor.freeze_vision_tower``: RL trains only the language model.
         micro_batch: trajectories per (right-padded) forward/backward pass of the trainer;
             gradients accumulate over the micro-batches of a mini-batch, so this changes speed
             and memory, not the update (equal up to float rounding; tested).
@@ -98,6 +101,7 @@ class GRPOConfig:
     tool_gain: float = 0.5
     reward_form: str = "imagent"
     seed: int = 0
+    freeze_vision_tower: bool = False
     micro_batch: int = 8
     checkpoint_every: int = 10
     engine: str = "torch"

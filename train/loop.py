@@ -127,6 +127,10 @@ def train(
     groups = dist.shard(g.prompts_per_step)  # this rank's prompt groups (all of them in 1 process)
     model = policy.model
     ref_model = copy.deepcopy(model).eval() if g.beta > 0 else None
+    if g.freeze_vision_tower:
+        for name, p in model.named_parameters():
+            if ".visual." in f".{name}":
+                p.requires_grad_(False)
     engine = make_engine(g, model, g.prompts_per_step * g.group_size)
     agent = Agent(policy.tokenizer, policy.image_processor, cfg.agent)
     generator = generator or make_generator(policy, cfg)

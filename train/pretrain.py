@@ -44,6 +44,9 @@ RELOOK_TINY_SPEC = TinySpec(
 )  # fmt: skip
 
 
+VISION_POOLS = ("mean", "flat")
+
+
 @dataclass
 class PretrainConfig:
     """relook-tiny pretraining.
@@ -77,6 +80,8 @@ class PretrainConfig:
         family_answers: ``gold`` or ``random`` answers of the evaluation-family (``format``)
             examples (:func:`agent.data.pretrain.pretrain_example`).
         tool_frac: share of ``format`` examples (tools advertised) that call a tool first.
+        perception_tool_frac: share of single-image perception questions (tools advertised)
+            that call a tool before answering (:func:`agent.data.pretrain.pretrain_example`).
         vision_steps: stage 0, before any text: steps of supervised vision-tower training on
             single-object images (colour and shape of a shape, or an MNIST digit) through a
             temporary linear head on the mean of each image's tokens, discarded afterwards (as
@@ -87,9 +92,20 @@ class PretrainConfig:
             at lr 1e-3 it stayed at chance.
         vision_batch: images per stage-0 step.
         vision_lr: AdamW learning rate of stage 0 (constant after 50 warm-up steps).
+        vision_digit_frac: share of each stage-0 batch that is MNIST digits (the rest are
+            shapes); 0.5 alternates shape, digit, shape, ... as relook-tiny v3 did.
+        vision_pool: how the stage-0 head reads an image's tokens: ``mean`` (one linear head on
+            their mean) or ``flat`` (one linear head on all of them concatenated, position by
+            position, as the language model reads them; needs every stage-0 image to give the
+            same token count, true of the 224 px scenes). Measured (digits only, tower from
+            scratch, lr 1e-3, flat backgrounds -> photographs over 2,000 steps, held-out photos):
+            ``flat`` 0.28 at step 600 where ``mean`` had 0.18.
         save_every: steps between resumable checkpoints.
         eval_every: steps between probe evaluations (0: only at the end).
-        resume: continue from ``<out>/checkpoint`` if present.
+        resume: continue from ``<out>/checkpoint`` if present. Independently of it, stage 0
+            is snapshotted to ``<out>/stage0`` and a fresh run over the same folder with the
+            same :data:`STAGE0_FIELDS` starts from that snapshot (same weights, log rows and
+            RNG state: the result is bit-identical to a run that redid it).
         probe_n: questions per held-out probe of the final model card.
         spec: model shape.
     """
@@ -112,9 +128,12 @@ class PretrainConfig:
     mix: Mix = field(default_factory=Mix)
     family_answers: str = "gold"
     tool_frac: float = 0.3
+    perception_tool_frac: float = 0.0
     vision_steps: int = 0
     vision_batch: int = 32
     vision_lr: float = 3e-4
+    vision_digit_frac: float = 0.5
+    vision_pool: str = "mean"
     save_every: int = 250
     eval_every: int = 500
     resume: bool = False
@@ -128,6 +147,14 @@ class PretrainConfig:
             raise ValueError(
                 f"PretrainConfig.family_answers must be one of {FAMILY_ANSWERS}, "
                 f"got {self.family_answers!r}"
+            )
+        if not 0.0 <= self.vision_digit_frac <= 1.0:
+            raise ValueError(
+                f"PretrainConfig.vision_digit_frac must be in [0, 1], got {self.vision_digit_frac}"
+            )
+        if self.vision_pool not in VISION_POOLS:
+            raise ValueError(
+                f"PretrainConfig.vision_pool must be one of {VISION_POOLS}, got {self.vision_pool!r}"
             )
 
 
@@ -211,7 +238,8 @@ def vision_example(
 ) -> tuple[Image.Image, tuple[int, int, int]]:
     """Image ``i`` of stage-0 step ``step`` and its labels ``(colour, shape, digit)`` (-1: none).
 
-    Even ``i``: a shape of a random colour; odd ``i``: a train-split MNIST digit. The curriculum
+    Image ``i`` is a train-split MNIST digit when ``floor((i + 1) * vision_digit_frac)`` exceeds
+    ``floor(i * vision_digit_frac)`` (at 0.5: odd ``i``), else a shape of a random colour. The curriculum
     position ``f = step / vision_steps`` sets the object size (``size_start`` -> ``size_end``),
     the share of flat backgrounds (``plain_start * (1 - f)``) and the difficulty (``f``).
     """
@@ -224,7 +252,8 @@ def vision_example(
     hi = max(lo, round(cfg.size_start[1] + f * (cfg.size_end[1] - cfg.size_start[1])))
     scene = _scene(rng, "train", 1, TaskConfig(difficulty=f), plain=cfg.plain_start * (1 - f))
     size = int(rng.integers(lo, hi + 1))
-    if i % 2 == 0:
+    frac = cfg.vision_digit_frac
+    if np.floor((i + 1) * frac) <= np.floor(i * frac):
         colour, shape = pick_target(rng)
         scene.add_shape(0, colour, shape, size=size)
         return scene.images[0], (list(COLOURS).index(colour), SHAPES.index(shape), -1)
@@ -244,7 +273,11 @@ def vision_warmup(policy: Policy, cfg: PretrainConfig, log, progress: bool = Tru
     """
     tower = policy.model.model.visual
     torch.manual_seed(cfg.seed + 1)
-    head = torch.nn.Linear(tower.config.out_hidden_size, sum(VISION_LABELS))
+    tokens_per_image = 1
+    if cfg.vision_pool == "flat":
+        grid = policy.image_processor(images=[vision_example(0, 0, cfg)[0]], return_tensors="pt")
+        tokens_per_image = int(grid["image_grid_thw"].prod()) // cfg.spec.merge_size**2
+    head = torch.nn.Linear(tower.config.out_hidden_size * tokens_per_image, sum(VISION_LABELS))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 50))
@@ -255,8 +288,13 @@ def vision_warmup(policy: Policy, cfg: PretrainConfig, log, progress: bool = Tru
         images, labels = zip(*(vision_example(step, i, cfg) for i in range(cfg.vision_batch)))
         px = policy.image_processor(images=list(images), return_tensors="pt")
         tokens = tower(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
-        pooled = tokens.view(len(images), -1, tokens.shape[-1]).mean(1)  # [image, d_model]
-        logits = head(pooled)
+        tokens = tokens.view(len(images), -1, tokens.shape[-1])  # [image, token, d_model]
+        if tokens.shape[1] * (cfg.vision_pool == "flat") not in (0, tokens_per_image):
+            raise ValueError(
+                f"stage 0 with vision_pool='flat' needs {tokens_per_image} tokens per image, "
+                f"got {tokens.shape[1]} (image sizes differ)"
+            )
+        logits = head(tokens.mean(1) if cfg.vision_pool == "mean" else tokens.flatten(1))
         y = torch.tensor(labels)
         loss = sum(
             torch.nn.functional.cross_entropy(
@@ -324,6 +362,47 @@ def _save_model(policy: Policy, folder: Path) -> None:
     policy.image_processor.save_pretrained(folder)
 
 
+STAGE0_FIELDS = (
+    "seed", "weight_decay", "size_start", "size_end", "plain_start", "vision_steps",
+    "vision_batch", "vision_lr", "vision_digit_frac", "vision_pool", "spec",
+)  # fmt: skip
+"""The :class:`PretrainConfig` fields that decide the weights after stage 0."""
+
+
+def _stage0(cfg: PretrainConfig, out: Path, progress: bool) -> Policy:
+    """The policy after stage 0: built from ``cfg.seed``, then :func:`vision_warmup`.
+
+    Stage 0 is snapshotted to ``out/stage0`` (weights, its log rows, torch's RNG state, and the
+    :data:`STAGE0_FIELDS` it was run with); a later fresh run whose fields match loads the
+    snapshot instead of redoing it, with the same weights, log rows and RNG state, so the
+    result is the same as an uninterrupted run. A snapshot with other fields is replaced.
+    """
+    fields_ = {f: getattr(cfg, f) for f in STAGE0_FIELDS}
+    key = json.dumps(_jsonable({**fields_, "spec": asdict(cfg.spec)}), sort_keys=True)
+    snap = out / "stage0"
+    log = out / "log.jsonl"
+    done = snap / "stage0.json"
+    if cfg.vision_steps and done.is_file() and done.read_text() == key:
+        shutil.copyfile(snap / "log.jsonl", log)
+        torch.set_rng_state(torch.load(snap / "rng.pt"))
+        return load_policy(snap)
+    build_tiny_model(out / "init", cfg.spec, seed=cfg.seed)
+    policy = load_policy(out / "init")
+    if not cfg.vision_steps:
+        return policy
+    with log.open("a") as vlog:
+        vision_warmup(policy, cfg, vlog, progress)
+    tmp = out / f".stage0-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_model(policy, tmp)
+    shutil.copyfile(log, tmp / "log.jsonl")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    (tmp / "stage0.json").write_text(key)  # written last: marks the snapshot complete
+    shutil.rmtree(snap, ignore_errors=True)
+    tmp.rename(snap)
+    return policy
+
+
 def pretrain(
     cfg: PretrainConfig, progress: bool = True, stop_after: int | None = None, probe: bool = True
 ) -> Policy:
@@ -346,12 +425,8 @@ def pretrain(
     if resuming:  # stage 0, if any, is inside the checkpoint's weights
         policy = load_policy(ckpt)
     else:
-        build_tiny_model(out / "init", cfg.spec, seed=cfg.seed)
-        policy = load_policy(out / "init")
-        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run (stage 0 included) restarts
-        if cfg.vision_steps:
-            with (out / "log.jsonl").open("a") as vlog:
-                vision_warmup(policy, cfg, vlog, progress)
+        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run restarts its log
+        policy = _stage0(cfg, out, progress)
     model = policy.model
     vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
     ids = {id(p) for p in vision}
@@ -391,6 +466,7 @@ def pretrain(
                 sizes=sizes,
                 plain=plain,
                 family_answers=cfg.family_answers,
+                perception_tool_frac=cfg.perception_tool_frac,
             )  # fmt: skip
             for i in range(cfg.batch)
         ]
@@ -506,15 +582,28 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
             else "**randomly drawn** answers (protocol only)"
         )
         + ", sometimes after a **random** valid tool call, so the base knows the answer space and "
-        "the protocol but was never shown when or where a tool helps.",
+        "the protocol but was never shown when or where a tool helps."
+        + (
+            f" With tools advertised, {cfg['perception_tool_frac']:.0%} of the single-image "
+            "perception questions call a tool first (half of them `confirm` on the object, the "
+            "rest a random call) and then answer the question as asked."
+            if cfg.get("perception_tool_frac")
+            else ""
+        ),
         "",
         *(
             [
                 f"- Stage 0 ({cfg['vision_steps']} steps of {cfg.get('vision_batch', 32)} images, "
                 f"lr {cfg.get('vision_lr', 3e-4)}): the vision tower alone, trained on labelled "
-                "single-object images (colour and shape of a shape, or an MNIST digit) through a "
-                "temporary linear head on its mean image token, discarded afterwards; objects, "
-                "backgrounds and difficulty follow the same curriculum.",
+                "single-object images (colour and shape of a shape, or an MNIST digit; "
+                f"{cfg.get('vision_digit_frac', 0.5):.0%} digits) through a temporary linear head "
+                + (
+                    "on all its image tokens concatenated"
+                    if cfg.get("vision_pool", "mean") == "flat"
+                    else "on its mean image token"
+                )
+                + ", discarded afterwards; objects, backgrounds and difficulty follow the same "
+                "curriculum.",
             ]
             if cfg.get("vision_steps")
             else []
@@ -565,6 +654,27 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
         f"{first['tool_call']:.2f} contain a valid tool call; of the others, "
         f"{first['answer']:.2f} give a valid answer.",
     ]
+    if "zoom_headroom" in probe:
+        zoom = probe["zoom_headroom"]
+        lines += [
+            "",
+            "Zoom headroom (objects of 20-30 px, difficulty 0, greedy): accuracy with no tools and "
+            "after a scripted `confirm` on a box around the object (the most a zoom can give; RL "
+            "still has to find where to zoom):",
+            "",
+            *_table(zoom, ["plain", "zoomed"]),
+        ]
+    if "family_zoom_headroom" in probe:
+        fz = probe["family_zoom_headroom"]
+        cols = [c for c in fz["plain"] if c != "n"]
+        lines += [
+            "",
+            f"Evaluation families with tools advertised ({fz['plain']['n']} questions with a "
+            "target box, greedy): the model's own episodes, and after a scripted `confirm` on "
+            "the object the answer hinges on (oracle):",
+            "",
+            *_table({k: v for k, v in fz.items()}, cols),
+        ]
     if "attention" in probe:
         lines += [
             "",

@@ -5,17 +5,20 @@ in training):
 - single-image perception per kind (colour, shape, present, digit) at a target scale;
 - multi-image evaluation families without tools, per family and per target size;
 - with tools advertised, sampled first turns: share with a syntactically valid tool call, and
-  share with a valid answer otherwise.
+  share with a valid answer otherwise;
+- zoom headroom: how much a well-placed ``confirm`` would help on small objects, the room that
+  RL has to find by itself.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from agent.data.pretrain import Mix, pretrain_example
+from agent.data.pretrain import Mix, box_in_frame, pretrain_example
 from agent.data.scoring import normalize_answer
 from agent.data.tasks import TaskConfig, generate
 from agent.evaluation import evaluate
@@ -123,6 +126,144 @@ def first_turn_protocol(
     return {"tool_call": calls / n, "answer": answers / max(others, 1), "n": n}
 
 
+class _ScriptedFirstTurn:
+    """Emits a fixed first assistant turn per episode, then defers to ``inner``.
+
+    The first ``generate`` call of a lock-step :func:`agent.rollout.rollout` holds every
+    episode's first turn, in sample order; it gets ``first_turns`` (each + ``<|im_end|>``).
+    """
+
+    def __init__(self, inner, tokenizer, first_turns: list[str]):
+        self.inner, self.tokenizer, self.first_turns = inner, tokenizer, first_turns
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.done = False
+
+    def generate(self, requests, max_new_tokens, temperature):
+        if self.done:
+            return self.inner.generate(requests, max_new_tokens, temperature)
+        if len(requests) != len(self.first_turns):
+            raise ValueError(
+                f"first generate call has {len(requests)} requests, "
+                f"expected {len(self.first_turns)} first turns"
+            )
+        self.done = True
+        out = []
+        for text in self.first_turns:
+            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos]
+            out.append(GenResult(ids, [0.0] * len(ids), True))
+        return out
+
+
+def zoom_headroom(
+    policy: Policy,
+    n: int = 64,
+    kinds: tuple[str, ...] = ("shape", "digit"),
+    target_size: tuple[int, int] = (20, 30),
+    seed: int = 5,
+) -> dict[str, dict[str, float]]:
+    """Greedy single-image accuracy on small objects, plainly and after an oracle ``confirm``.
+
+    The same held-out questions (``kinds``, objects of ``target_size`` px in 224 px scenes,
+    difficulty 0) are answered (a) with no tools and (b) with tools advertised and a scripted
+    first turn that calls ``confirm`` on a box 2-7 px around the object (what
+    ``locate`` pretraining examples show), the model then answering greedily. The gap (b) - (a)
+    is the most a zoom can give at this scale; RL still has to discover where to zoom.
+
+    Returns:
+        ``{kind: {"plain": acc, "zoomed": acc}}``, accuracies in [0, 1].
+    """
+    cfg = TaskConfig(image_size=(224, 224), difficulty=0.0)
+    frame = ImageFrame.from_processor(policy.image_processor)
+    out: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        exs = [
+            pretrain_example(i, seed, cfg, frame, Mix.only(kind), split="test", sizes=target_size)
+            for i in range(n)
+        ]
+        samples = [e.sample for e in exs]
+        res = {}
+        for mode in ("plain", "zoomed"):
+            agent = Agent(
+                policy.tokenizer,
+                policy.image_processor,
+                AgentConfig(
+                    tools="none" if mode == "plain" else "both",
+                    temperature=0.0,
+                    max_turns=1 if mode == "plain" else 2,
+                    max_new_tokens=32,
+                ),
+            )
+            gen = make_generator(policy)
+            if mode == "zoomed":
+                rng = np.random.default_rng([seed, 13])
+                turns = []
+                for s in samples:
+                    box = box_in_frame(s.meta["objects"][0][0]["bbox"], s.images[0], frame, rng)
+                    call = {"name": "confirm", "arguments": {"image": 1, "bbox_2d": box}}
+                    turns.append(
+                        f"<think>I zoom in.</think><tool_call>{json.dumps(call)}</tool_call>"
+                    )
+                gen = _ScriptedFirstTurn(gen, policy.tokenizer, turns)
+            trajs = rollout(agent, gen, samples, group_size=1)
+            res[mode] = float(
+                np.mean(
+                    [(t.answer or "").strip().lower() == s.answer for t, s in zip(trajs, samples)]
+                )
+            )
+        out[kind] = res
+    return out
+
+
+def family_zoom_headroom(
+    policy: Policy, n: int = 128, seed: int = 1, difficulty: float = 0.5
+) -> dict[str, dict[str, float]]:
+    """Greedy accuracy of the evaluation families, with tools advertised, plainly and after an
+    oracle ``confirm`` on the target object of the target image.
+
+    Questions without a target box (``count`` with no holder) are left out. (a) ``plain``: the
+    model's own episode (up to 4 turns, any tool calls its own). (b) ``oracle``: a scripted first
+    turn calls ``confirm`` on a box 2-7 px around the object the answer hinges on (the ``read``
+    digit, the ``find`` target, ...), then the model answers. (b) >> (a) means a well-placed
+    zoom is worth learning; (b) <= (a) means the base cannot use what it sees there.
+
+    Returns:
+        ``{"plain": {...}, "oracle": {...}}``: accuracy overall (``all``) and per family, and
+        ``n`` questions.
+    """
+    samples = [
+        s
+        for s in generate("test", n, seed, TaskConfig(difficulty=difficulty))
+        if s.target_bbox is not None and s.target_image is not None
+    ]
+    frame = ImageFrame.from_processor(policy.image_processor)
+    rng = np.random.default_rng([seed, 17])
+    turns = []
+    for s in samples:
+        box = box_in_frame(s.target_bbox, s.images[s.target_image - 1], frame, rng)
+        call = {"name": "confirm", "arguments": {"image": s.target_image, "bbox_2d": box}}
+        turns.append(f"<think>I zoom in.</think><tool_call>{json.dumps(call)}</tool_call>")
+    out: dict[str, dict[str, float]] = {}
+    for mode in ("plain", "oracle"):
+        agent = Agent(
+            policy.tokenizer,
+            policy.image_processor,
+            AgentConfig(tools="both", temperature=0.0, max_turns=4 if mode == "plain" else 2),
+        )
+        gen = make_generator(policy)
+        if mode == "oracle":
+            gen = _ScriptedFirstTurn(gen, policy.tokenizer, turns)
+        trajs = rollout(agent, gen, samples, group_size=1)
+        fam: dict[str, list[float]] = defaultdict(list)
+        for t in trajs:
+            fam[t.family].append(t.acc)
+        out[mode] = {
+            "all": float(np.mean([t.acc for t in trajs])),
+            **{k: float(np.mean(v)) for k, v in sorted(fam.items())},
+            "n": len(trajs),
+        }
+    return out
+
+
 def all_probes(policy: Policy, n: int = 64) -> dict:
     """Every probe of this module (the numbers a relook-tiny model card reports)."""
     return {
@@ -131,4 +272,6 @@ def all_probes(policy: Policy, n: int = 64) -> dict:
         "perception_hardest": perception(policy, n=n, difficulty=1.0, target_size=(20, 30)),
         "families_without_tools": families_without_tools(policy, n=2 * n),
         "first_turn_with_tools": first_turn_protocol(policy, n=n),
+        "zoom_headroom": zoom_headroom(policy, n=n),
+        "family_zoom_headroom": family_zoom_headroom(policy, n=2 * n),
     }

@@ -29,6 +29,11 @@ from agent.data.tasks import Sample, TaskConfig
 
 KINDS = ("colour", "shape", "present", "digit", "label", "locate", "restate", "format")
 
+TOOL_FIRST_KINDS = ("colour", "shape", "present", "digit")
+"""Perception kinds that may call a tool before answering (``perception_tool_frac``): every
+single-image perception question. They name no image index and hold one object, unlike the
+evaluation families, so they show how to answer after a tool, not when a tool helps."""
+
 THOUGHTS = ("I look at the image.", "Let me look closely.", "I check the image.")
 
 
@@ -114,8 +119,10 @@ def _sample(kind: str, scene: Scene, question: str, answer: str, index: int) -> 
     )  # fmt: skip
 
 
-def _box_in_frame(box, image, frame, rng: np.random.Generator) -> list[int]:
-    """A padded model-frame box around ``box`` (original pixels) of ``image``."""
+def box_in_frame(box, image, frame, rng: np.random.Generator) -> list[int]:
+    """A ``confirm`` box around an object: ``box`` ``(x1, y1, x2, y2)`` in original pixels of
+    ``image`` mapped to the model frame (:class:`agent.tools.ImageFrame`, pixels) and padded
+    by 2-7 pixels (one ``rng`` draw), clipped to the frame."""
     fw, fh = frame.size(image)
     sx, sy = fw / image.width, fh / image.height
     x1, y1, x2, y2 = box
@@ -132,7 +139,9 @@ def _size(rng, sizes) -> int | None:
     return None if sizes is None else int(rng.integers(sizes[0], sizes[1] + 1))
 
 
-def _single(kind: str, rng, split, cfg, index, sizes=None, plain=0.0) -> PretrainExample:
+def _single(
+    kind: str, rng, split, cfg, index, sizes=None, plain=0.0, frame=None, tool_frac=0.0
+) -> PretrainExample:
     scene = _scene(rng, split, 1, cfg, plain)
     if kind == "digit":
         d = int(rng.integers(10))
@@ -152,9 +161,18 @@ def _single(kind: str, rng, split, cfg, index, sizes=None, plain=0.0) -> Pretrai
         q = "What colour is the shape?" if kind == "colour" else "What shape is in the image?"
         a, seen = (colour if kind == "colour" else shape), f"I see a {colour} {shape}."
     sample = _sample(kind, scene, q, a, index)
-    return PretrainExample(
-        kind, sample, bool(rng.random() < 0.5), (f"{_think(rng, seen)}<answer>{a}</answer>",)
-    )
+    tools = bool(rng.random() < 0.5)
+    script: tuple[str, ...] = (f"{_think(rng, seen)}<answer>{a}</answer>",)
+    if tool_frac > 0 and tools and kind in TOOL_FIRST_KINDS and rng.random() < tool_frac:
+        objects = scene.objects[0]
+        target = objects[0] if kind != "present" and objects else None
+        if target is not None and rng.random() < 0.5:
+            box = box_in_frame(target["bbox"], scene.images[0], frame, rng)
+            call = f"<tool_call>{json.dumps({'name': 'confirm', 'arguments': {'image': 1, 'bbox_2d': box}})}</tool_call>"
+        else:
+            call = random_tool_call(sample, rng, frame)
+        script = (_think(rng) + call, *script)
+    return PretrainExample(kind, sample, tools, script)
 
 
 def _label(rng, split, cfg, index, sizes=None, plain=0.0) -> PretrainExample:
@@ -180,7 +198,7 @@ def _tool_example(kind: str, rng, split, cfg, index, frame) -> PretrainExample:
     obj = scene.objects[k][0] if scene.objects[k] else None
     what = _describe(obj)
     if kind == "locate":
-        box = _box_in_frame(obj["bbox"], scene.images[k], frame, rng)
+        box = box_in_frame(obj["bbox"], scene.images[k], frame, rng)
         call = {"name": "confirm", "arguments": {"image": k + 1, "bbox_2d": box}}
         q, seen = (
             f"Zoom in and describe the object in image {k + 1}.",
@@ -254,6 +272,7 @@ def pretrain_example(
     sizes: tuple[int, int] | None = None,
     plain: float = 0.0,
     family_answers: str = "gold",
+    perception_tool_frac: float = 0.0,
 ) -> PretrainExample:
     """Example ``index`` of the pretraining stream (pure function of its arguments).
 
@@ -274,6 +293,16 @@ def pretrain_example(
             with whatever its perception allows) or ``"random"`` (uniform over the answer
             type: protocol only). Either way any tool call in them is drawn at random, never
             informed by the question, so no example shows when or where a tool helps.
+        perception_tool_frac: share of the single-image perception questions with tools
+            advertised that first call a tool (half of them ``confirm`` on a box around the
+            object, the rest a random ``reflect`` or ``confirm``; presence questions only the
+            random call) and then answer the question as asked, for any object size. Without
+            them, every tool call in the stream but 2% is followed by a description
+            (``locate``, ``restate``), and the base answered every question with one after a
+            tool call (measured on v3: 0 of 64 small-shape questions after a ``confirm`` on
+            the shape). v3 trained 300 more steps with 0.5 of them (colour, shape, presence):
+            20-30 px shapes 0.30 without tools, 0.97 after a ``confirm`` on them. 0 draws
+            nothing: the stream is unchanged.
 
     Raises:
         ValueError: unknown ``family_answers``.
@@ -283,7 +312,7 @@ def pretrain_example(
     rng = np.random.default_rng([seed, 7, index])
     kind = KINDS[int(rng.choice(len(KINDS), p=(mix or Mix()).probs()))]
     if kind in ("colour", "shape", "present", "digit"):
-        return _single(kind, rng, split, cfg, index, sizes, plain)
+        return _single(kind, rng, split, cfg, index, sizes, plain, frame, perception_tool_frac)
     if kind == "label":
         return _label(rng, split, cfg, index, sizes, plain)
     if kind in ("locate", "restate"):
@@ -294,6 +323,7 @@ def pretrain_example(
 __all__ = [
     "KINDS",
     "Mix",
+    "box_in_frame",
     "PretrainExample",
     "pretrain_example",
     "random_answer",

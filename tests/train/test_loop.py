@@ -52,6 +52,18 @@ def test_grpo_step_changes_every_trained_parameter_group(policy, scripted, monke
     # the update raised the log-prob of the rewarded answer relative to the punished one
 
 
+def test_freeze_vision_tower_trains_only_the_language_model(policy, scripted, monkeypatch):
+    _force_answer(monkeypatch)
+    before = _params(policy.model)
+    gen = scripted(policy.tokenizer, [[RIGHT], [WRONG], [RIGHT], [WRONG]])
+    rows = train(_cfg(freeze_vision_tower=True), policy, generator=gen, progress=False)
+    assert rows[0]["rollout/reward_std"] > 0
+    changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("language_model.layers.0" in n for n in changed)
+    visual = [n for n, _ in policy.model.named_parameters() if n.startswith("model.visual")]
+    assert visual and not changed & set(visual), "the frozen vision tower moved"
+
+
 def test_identical_rewards_give_no_update(policy, scripted, monkeypatch):
     _force_answer(monkeypatch)
     before = _params(policy.model)

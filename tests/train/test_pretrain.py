@@ -132,7 +132,13 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
         "perception_hardest",
         "families_without_tools",
         "first_turn_with_tools",
+        "zoom_headroom",
+        "family_zoom_headroom",
     }
+    assert set(card["family_zoom_headroom"]) == {"plain", "oracle"}
+    assert card["family_zoom_headroom"]["oracle"]["n"] == card["family_zoom_headroom"]["plain"]["n"]
+    assert set(card["zoom_headroom"]["shape"]) == {"plain", "zoomed"}
+    assert "Zoom headroom" in (tmp_path / "full" / "README.md").read_text()
     assert set(card["perception_easiest"]) == {"colour", "shape", "present", "digit"}
     card_text = (tmp_path / "full" / "README.md").read_text()
     assert "Held-out probes" in card_text and "python -m train.pretrain --out" in card_text
@@ -206,3 +212,60 @@ def test_vision_stage_trains_only_the_tower_and_is_deterministic(tmp_path):
     second = pretrain(replace(cfg, out=tmp_path / "w"), progress=False, probe=False)
     for (n, p), (_, q) in zip(first.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_stage0_snapshot_is_reused_only_when_its_fields_match(tmp_path, monkeypatch):
+    import train.pretrain as tp
+
+    cfg = PretrainConfig(
+        out=tmp_path / "v", steps=1, batch=2, vision_steps=3, vision_batch=4, stage1_steps=1,
+        eval_every=0, spec=SMALL, seed=5, vision_pool="flat", vision_digit_frac=0.75,
+    )  # fmt: skip
+    # 3 of every 4 stage-0 images are digits at vision_digit_frac=0.75
+    assert [vision_example(0, i, cfg)[1][2] >= 0 for i in range(8)] == [False, True, True, True] * 2
+    first = pretrain(cfg, progress=False, probe=False)
+    snap = tmp_path / "v" / "stage0"
+    assert (snap / "stage0.json").is_file() and (snap / "model.safetensors").is_file()
+
+    def rows():  # the log without wall times
+        lines = (tmp_path / "v" / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]
+
+    log_before = rows()
+    calls = []
+    real = tp.vision_warmup
+    monkeypatch.setattr(tp, "vision_warmup", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = pretrain(cfg, progress=False, probe=False)  # a fresh run over the same folder
+    assert calls == [], "stage 0 was redone although its snapshot matches"
+    assert rows() == log_before and rows()[0]["stage"] == "vision"
+    for (n, p), (_, q) in zip(first.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), n
+    pretrain(replace(cfg, vision_lr=1e-4), progress=False, probe=False)
+    assert calls == [1], "a snapshot of another stage 0 must not be reused"
+    with pytest.raises(ValueError, match="vision_pool"):
+        PretrainConfig(vision_pool="max")
+    with pytest.raises(ValueError, match="vision_digit_frac"):
+        PretrainConfig(vision_digit_frac=1.5)
+
+
+def test_perception_tool_turns_answer_the_question():
+    cfg = TaskConfig(difficulty=0.0)
+    mix = Mix.only("colour", "shape", "present", "digit")
+    plain = [pretrain_example(i, 2, cfg, FRAME, mix) for i in range(120)]
+    assert plain == [
+        pretrain_example(i, 2, cfg, FRAME, mix, perception_tool_frac=0.0) for i in range(120)
+    ]
+    tooled = [pretrain_example(i, 2, cfg, FRAME, mix, perception_tool_frac=1.0) for i in range(120)]
+    called = [e for e in tooled if len(e.script) == 2]
+    assert {e.kind for e in called} == {"colour", "shape", "present", "digit"}
+    assert all(e.tools for e in called)
+    assert not [e for e in tooled if len(e.script) == 2 and not e.tools]
+    for e in called:
+        assert "<tool_call>" in e.script[0] and "<answer>" not in e.script[0]
+        assert e.script[1].endswith(f"<answer>{e.sample.answer}</answer>")
+    confirms = [e for e in called if '"confirm"' in e.script[0] and e.kind != "present"]
+    assert confirms  # some zoom on the object itself
+    for e in confirms:
+        box = json.loads(e.script[0].split("<tool_call>")[1].split("</tool_call>")[0])
+        x1, y1, x2, y2 = box["arguments"]["bbox_2d"]
+        assert 0 <= x1 < x2 and 0 <= y1 < y2
