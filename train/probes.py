@@ -12,13 +12,12 @@ in training):
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from agent.data.pretrain import Mix, box_in_frame, pretrain_example
+from agent.data.pretrain import Mix, box_in_frame, confirm_call, pretrain_example
 from agent.data.scoring import normalize_answer
 from agent.data.tasks import TaskConfig, generate
 from agent.evaluation import evaluate
@@ -28,6 +27,8 @@ from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, parse_tool_call
 from train.loop import make_generator
 
 PERCEPTION_KINDS = ("colour", "shape", "present", "digit")
+ZOOM_THOUGHT = "<think>I zoom in.</think>"
+"""The scripted thought before an oracle ``confirm`` of the zoom-headroom probes."""
 
 
 def perception(
@@ -199,10 +200,7 @@ def zoom_headroom(
                 turns = []
                 for s in samples:
                     box = box_in_frame(s.meta["objects"][0][0]["bbox"], s.images[0], frame, rng)
-                    call = {"name": "confirm", "arguments": {"image": 1, "bbox_2d": box}}
-                    turns.append(
-                        f"<think>I zoom in.</think><tool_call>{json.dumps(call)}</tool_call>"
-                    )
+                    turns.append(ZOOM_THOUGHT + confirm_call(1, box))
                 gen = _ScriptedFirstTurn(gen, policy.tokenizer, turns)
             trajs = rollout(agent, gen, samples, group_size=1)
             res[mode] = float(
@@ -240,8 +238,7 @@ def family_zoom_headroom(
     turns = []
     for s in samples:
         box = box_in_frame(s.target_bbox, s.images[s.target_image - 1], frame, rng)
-        call = {"name": "confirm", "arguments": {"image": s.target_image, "bbox_2d": box}}
-        turns.append(f"<think>I zoom in.</think><tool_call>{json.dumps(call)}</tool_call>")
+        turns.append(ZOOM_THOUGHT + confirm_call(s.target_image, box))
     out: dict[str, dict[str, float]] = {}
     for mode in ("plain", "oracle"):
         agent = Agent(

@@ -139,6 +139,13 @@ def _size(rng, sizes) -> int | None:
     return None if sizes is None else int(rng.integers(sizes[0], sizes[1] + 1))
 
 
+def confirm_call(image: int, box: list[int]) -> str:
+    """A ``confirm`` call on ``box`` (model-frame pixels) of image ``image`` (1-based), wrapped in
+    ``<tool_call>`` tags as the policy writes it."""
+    call = {"name": "confirm", "arguments": {"image": image, "bbox_2d": box}}
+    return f"<tool_call>{json.dumps(call)}</tool_call>"
+
+
 def _single(
     kind: str, rng, split, cfg, index, sizes=None, plain=0.0, frame=None, tool_frac=0.0
 ) -> PretrainExample:
@@ -168,7 +175,7 @@ def _single(
         target = objects[0] if kind != "present" and objects else None
         if target is not None and rng.random() < 0.5:
             box = box_in_frame(target["bbox"], scene.images[0], frame, rng)
-            call = f"<tool_call>{json.dumps({'name': 'confirm', 'arguments': {'image': 1, 'bbox_2d': box}})}</tool_call>"
+            call = confirm_call(1, box)
         else:
             call = random_tool_call(sample, rng, frame)
         script = (_think(rng) + call, *script)
@@ -230,7 +237,7 @@ def random_tool_call(sample: Sample, rng: np.random.Generator, frame) -> str:
         w, h = frame.size(sample.images[k - 1])
         bw, bh = int(rng.integers(w // 4, w // 2 + 1)), int(rng.integers(h // 4, h // 2 + 1))
         x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
-        call = {"name": "confirm", "arguments": {"image": k, "bbox_2d": [x, y, x + bw, y + bh]}}
+        return confirm_call(k, [x, y, x + bw, y + bh])
     return f"<tool_call>{json.dumps(call)}</tool_call>"
 
 
@@ -324,6 +331,7 @@ __all__ = [
     "KINDS",
     "Mix",
     "box_in_frame",
+    "confirm_call",
     "PretrainExample",
     "pretrain_example",
     "random_answer",
