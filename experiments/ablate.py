@@ -99,6 +99,8 @@ class AblateArgs:
             ``group`` makes an N-process run sample what a 1-process run samples).
         rollout_backend: override the rollout engine, ``hf`` or ``vllm`` (None: keep; ``vllm``
             needs a GPU and ``pip install vllm``: a colocated engine per rank, train.vllm_backend).
+        freeze_vision_tower: override whether RL leaves the vision tower out of the update
+            (None: keep; the grids train it).
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
     """
 
@@ -115,6 +117,7 @@ class AblateArgs:
     gradient_checkpointing: bool | None = None
     rollout_seeding: Literal["batch", "group"] | None = None
     rollout_backend: Literal["hf", "vllm"] | None = None
+    freeze_vision_tower: bool | None = None
     preset: str | None = None
     launcher: Literal["local", "ray"] = "local"
     ray_address: str | None = None
@@ -125,7 +128,7 @@ class AblateArgs:
     def grpo_overrides(self) -> dict:
         """The :class:`GRPOConfig` fields this command line overrides."""
         names = ("engine", "zero_stage", "gradient_checkpointing", "rollout_seeding",
-                 "rollout_backend")  # fmt: skip
+                 "rollout_backend", "freeze_vision_tower")  # fmt: skip
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def base_model(self) -> str:

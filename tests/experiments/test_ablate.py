@@ -177,6 +177,9 @@ def test_command_line_overrides_engine_fields():
     (cfg,) = grid_arms("smoke", (0,), args.arms, grpo=args.grpo_overrides())
     assert (cfg.grpo.engine, cfg.grpo.zero_stage, cfg.grpo.steps) == ("deepspeed", 3, 2)
     assert tyro.cli(ablate.AblateArgs, args=[]).grpo_overrides() == {}
+    frozen = tyro.cli(ablate.AblateArgs, args=["--freeze-vision-tower", "True"]).grpo_overrides()
+    (cfg,) = grid_arms("smoke", (0,), ("full",), grpo=frozen)
+    assert frozen == {"freeze_vision_tower": True} and cfg.grpo.freeze_vision_tower
 
 
 def test_torchrun_launch_trains_like_one_process(tmp_path):
