@@ -304,9 +304,9 @@ def pretrain_example(
             advertised that first call a tool (half of them ``confirm`` on a box around the
             object, the rest a random ``reflect`` or ``confirm``; presence questions only the
             random call) and then answer the question as asked, for any object size. Without
-            them, every tool call in the stream but 2% is followed by a description
-            (``locate``, ``restate``), and the base answered every question with one after a
-            tool call (measured on v3: 0 of 64 small-shape questions after a ``confirm`` on
+            them, with the default mix 86% of the examples that call a tool follow it with a
+            description (``locate``, ``restate``; the rest are ``format`` examples with a
+            random call), and the base answered every question with one after a tool call (measured on v3: 0 of 64 small-shape questions after a ``confirm`` on
             the shape). v3 trained 300 more steps with 0.5 of them (colour, shape, presence):
             20-30 px shapes 0.30 without tools, 0.97 after a ``confirm`` on them. A model
             pretrained from scratch with 0.5 of them on all four kinds (1,800 steps) reached
