@@ -345,6 +345,13 @@ def build_tiny_model(
     return out
 
 
+def is_vision_parameter(name: str) -> bool:
+    """Whether parameter ``name`` (from ``model.named_parameters()``) belongs to the vision tower
+    of a Qwen2.5-VL / Qwen2-VL model: anything under a ``visual`` module, the patch merger
+    included (transformers names them ``model.visual.*``)."""
+    return ".visual." in f".{name}"
+
+
 @dataclass
 class Policy:
     """A loaded VLM with its tokenizer and image processor.

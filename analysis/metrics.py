@@ -686,7 +686,10 @@ def before_after(
         a = s[(s.index >= e) & (s.index < e + window)]
         rows.append((b.mean(), a.mean(), len(b), len(a)))
     cols = ["before", "after", "n_before", "n_after"]
-    out = pd.concat([events.reset_index(drop=True), pd.DataFrame(rows, columns=cols)], axis=1)
+    stats = pd.DataFrame(rows, columns=cols).astype(  # typed even with no events
+        {"before": "float64", "after": "float64", "n_before": "int64", "n_after": "int64"}
+    )
+    out = pd.concat([events.reset_index(drop=True), stats], axis=1)
     out.insert(out.columns.get_loc("after") + 1, "delta", out["after"] - out["before"])
     return out
 
@@ -749,8 +752,6 @@ def _clustered_delta(g: pd.DataFrame, n_boot: int, seed: int, ci: float) -> tupl
     """n_events, n_trajectories, before, after, delta and its clustered-bootstrap interval."""
     if g.empty:
         return (0, 0, *[math.nan] * 5)
-    # frames concatenated from empty per-arm tables arrive with object columns
-    g = g.astype({"before": "float64", "after": "float64", "delta": "float64"})
     per = g.groupby("trajectory")["delta"].agg(["sum", "count"])
     idx = np.random.default_rng(seed).integers(0, len(per), size=(n_boot, len(per)))
     boot = per["sum"].to_numpy()[idx].sum(1) / per["count"].to_numpy()[idx].sum(1)
@@ -830,6 +831,9 @@ def before_after_summary(
     _check_boot(n_boot, ci)
     by = list(by)
     _require(ba, ["trajectory", "before", "after", "delta", *by], "before_after_summary")
+    # rows concatenated by a caller may arrive as object columns (e.g. pandas < 2.1 or tables
+    # built by hand); :func:`before_after` itself always returns float64
+    ba = ba.astype({"before": "float64", "after": "float64", "delta": "float64"})
     ba = ba.dropna(subset=["delta"])
     groups = list(ba.groupby(by, sort=True)) if by and len(ba) else []
     if overall or not by:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import trange
 
 from agent.data.tasks import TaskConfig, generate_one
-from agent.modeling import Policy
+from agent.modeling import Policy, is_vision_parameter
 from agent.rollout import Agent, Generator, HFGenerator, rollout
 from train import dist
 from train.batching import batch_inputs, batched_token_log_probs, loss_weights, pad_right
@@ -129,7 +129,7 @@ def train(
     ref_model = copy.deepcopy(model).eval() if g.beta > 0 else None
     if g.freeze_vision_tower:
         for name, p in model.named_parameters():
-            if ".visual." in f".{name}":
+            if is_vision_parameter(name):
                 p.requires_grad_(False)
     engine = make_engine(g, model, g.prompts_per_step * g.group_size)
     agent = Agent(policy.tokenizer, policy.image_processor, cfg.agent)

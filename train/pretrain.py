@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from agent.data.pretrain import COLOURS, SHAPES, Mix, PretrainExample, pretrain_example
 from agent.data.tasks import TaskConfig
-from agent.modeling import Policy, TinySpec, build_tiny_model, load_policy
+from agent.modeling import Policy, TinySpec, build_tiny_model, is_vision_parameter, load_policy
 from agent.rollout import Agent, AgentConfig, GenResult, rollout
 from agent.tools import ImageFrame
 from train.batching import batch_inputs, batch_weights, batched_token_log_probs, loss_weights
@@ -291,7 +291,7 @@ def vision_warmup(policy: Policy, cfg: PretrainConfig, log, progress: bool = Tru
         px = policy.image_processor(images=list(images), return_tensors="pt")
         tokens = tower(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
         tokens = tokens.view(len(images), -1, tokens.shape[-1])  # [image, token, d_model]
-        if tokens.shape[1] * (cfg.vision_pool == "flat") not in (0, tokens_per_image):
+        if cfg.vision_pool == "flat" and tokens.shape[1] != tokens_per_image:
             raise ValueError(
                 f"stage 0 with vision_pool='flat' needs {tokens_per_image} tokens per image, "
                 f"got {tokens.shape[1]} (image sizes differ)"
@@ -430,7 +430,7 @@ def pretrain(
         (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run restarts its log
         policy = _stage0(cfg, out, progress)
     model = policy.model
-    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    vision = [p for n, p in model.named_parameters() if is_vision_parameter(n)]
     ids = {id(p) for p in vision}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr},

@@ -54,12 +54,8 @@ def perception(
             policy.image_processor,
             AgentConfig(tools="none", temperature=0.0, max_turns=1, max_new_tokens=32),
         )
-        trajs = rollout(agent, gen, [e.sample for e in exs], group_size=1)
-        out[kind] = float(
-            np.mean(
-                [(t.answer or "").strip().lower() == e.sample.answer for t, e in zip(trajs, exs)]
-            )
-        )
+        samples = [e.sample for e in exs]
+        out[kind] = _exact(rollout(agent, gen, samples, group_size=1), samples)
     return out
 
 
@@ -128,31 +124,36 @@ def first_turn_protocol(
 
 
 class _ScriptedFirstTurn:
-    """Emits a fixed first assistant turn per episode, then defers to ``inner``.
+    """Emits a fixed first assistant turn per episode (through
+    :class:`train.pretrain.TeacherGenerator`), then defers to ``inner``.
 
     The first ``generate`` call of a lock-step :func:`agent.rollout.rollout` holds every
-    episode's first turn, in sample order; it gets ``first_turns`` (each + ``<|im_end|>``).
+    episode's first turn, in sample order; it gets ``first_turns``.
     """
 
     def __init__(self, inner, tokenizer, first_turns: list[str]):
-        self.inner, self.tokenizer, self.first_turns = inner, tokenizer, first_turns
-        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        from train.pretrain import TeacherGenerator  # train.pretrain imports this module
+
+        self.inner, self.n = inner, len(first_turns)
+        self.first = TeacherGenerator(tokenizer, [[t] for t in first_turns])
         self.done = False
 
     def generate(self, requests, max_new_tokens, temperature):
         if self.done:
             return self.inner.generate(requests, max_new_tokens, temperature)
-        if len(requests) != len(self.first_turns):
+        if len(requests) != self.n:
             raise ValueError(
-                f"first generate call has {len(requests)} requests, "
-                f"expected {len(self.first_turns)} first turns"
+                f"first generate call has {len(requests)} requests, expected {self.n} first turns"
             )
         self.done = True
-        out = []
-        for text in self.first_turns:
-            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos]
-            out.append(GenResult(ids, [0.0] * len(ids), True))
-        return out
+        return self.first.generate(requests, max_new_tokens, temperature)
+
+
+def _exact(trajs, samples) -> float:
+    """Share of episodes whose final answer equals the sample's (stripped, lower-cased)."""
+    return float(
+        np.mean([(t.answer or "").strip().lower() == s.answer for t, s in zip(trajs, samples)])
+    )
 
 
 def zoom_headroom(
@@ -202,12 +203,7 @@ def zoom_headroom(
                     box = box_in_frame(s.meta["objects"][0][0]["bbox"], s.images[0], frame, rng)
                     turns.append(ZOOM_THOUGHT + confirm_call(1, box))
                 gen = _ScriptedFirstTurn(gen, policy.tokenizer, turns)
-            trajs = rollout(agent, gen, samples, group_size=1)
-            res[mode] = float(
-                np.mean(
-                    [(t.answer or "").strip().lower() == s.answer for t, s in zip(trajs, samples)]
-                )
-            )
+            res[mode] = _exact(rollout(agent, gen, samples, group_size=1), samples)
         out[kind] = res
     return out
 

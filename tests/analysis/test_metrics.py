@@ -409,6 +409,11 @@ def test_before_after_ci_exact():
     pd.testing.assert_frame_equal(m.before_after_summary(ba, n_boot=500, seed=0), out)
     groups = m.before_after_summary(ba, n_boot=500, seed=0, overall=False)
     pd.testing.assert_frame_equal(groups, out.iloc[:2])
+    # an arm without events gives typed empty columns, so concatenating it keeps float64
+    none = m.before_after(att, events.iloc[:0], window=3)
+    assert none.empty and (none[["before", "after", "delta"]].dtypes == "float64").all()
+    joined = pd.concat([none, ba], ignore_index=True)
+    assert (joined[["before", "after", "delta"]].dtypes == "float64").all()
     # per-arm rows concatenated with an empty arm's table arrive as object columns (the app)
     mixed = pd.concat([ba.iloc[:0].astype(object), ba.astype(object)], ignore_index=True)
     pd.testing.assert_frame_equal(m.before_after_summary(mixed, n_boot=500, seed=0), out)
