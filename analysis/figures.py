@@ -259,7 +259,7 @@ def image_share_figure(
     Args:
         curves: arm type -> frame of :func:`analysis.metrics.image_share_curve` (columns token,
             image_share, optionally n), drawn in the given order.
-        fits: arm type -> :func:`analysis.metrics.decay_fit` dict (s0, half_life_tokens); an arm
+        fits: arm type -> :func:`analysis.decay.decay_fit` dict (s0, half_life_tokens); an arm
             with a finite half-life and s0 gets a dashed fit line over its token range, and its
             legend entry names the half-life ("no decay" for an infinite one).
         min_trajectories: tokens reached by fewer trajectories (column n) are cut.
@@ -307,10 +307,10 @@ def tool_call_figure(aligned: Mapping[str, pd.DataFrame], before_after: pd.DataF
     change after - before per arm with its clustered-bootstrap interval.
 
     Args:
-        aligned: arm type -> frame of :func:`analysis.metrics.event_aligned_share` (columns
+        aligned: arm type -> frame of :func:`analysis.events.event_aligned_share` (columns
             offset, image_share).
         before_after: one row per arm type: column arm plus the overall-row columns of
-            :func:`analysis.metrics.before_after_ci` (n_events, n_trajectories, before, after,
+            :func:`analysis.events.before_after_ci` (n_events, n_trajectories, before, after,
             delta, delta_lo, delta_hi); rows with n_events 0 are left out, and an arm whose
             calls come from one trajectory gets no error bar.
 

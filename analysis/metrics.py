@@ -27,6 +27,9 @@ over trajectories per token. ``kind`` picks the variant (:data:`KINDS`):
 - "value": ``value_mass`` (Kobayashi et al. 2020, "Attention is Not Only a Weight").
 - "efficiency": ``mass / (keys / pos)``, attention relative to the region's share of the visible
   keys: 1 is what uniform attention gives, above 1 the region is over-attended.
+
+The decay fits of the image-share curve live in :mod:`analysis.decay`, the before/after views of
+tool calls in :mod:`analysis.events`; both build on :func:`image_token_shares`.
 """
 
 from __future__ import annotations
@@ -47,12 +50,10 @@ KIND_COLUMNS = {
 SETTINGS = ("single-image", "multi-image")
 """IMAgent Figure-1 settings by a trajectory's input images: exactly one, two or more
 (:func:`image_counts`; a trajectory with none is "text-only")."""
-FIT_COLUMNS = ("slope_per_100", "intercept", "half_life_tokens", "s0", "r2_linear", "n_points")
 _GROUP_OF = {"sink": "text", "system": "text", "user_text": "text", "image_wrap": "text"}
 _GROUP_OF |= {"tool_text": "tool_text", "generated": "generated", "self": "generated"}
 _ROW = ["trajectory", "token", "layer", "head"]  # one attention row: masses sum to 1
 _BAND_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "middle", "late")}
-_NO_DECAY = 1e-12  # fitted log-share drop over the curve's span below which the rate is 0
 
 
 def region_group(region: str) -> str:
@@ -73,7 +74,8 @@ def region_group(region: str) -> str:
 # Per-row values of each variant
 
 
-def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+def require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` and every column of ``columns`` missing from ``df``."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what} needs column(s) {missing}, missing from the table")
@@ -82,7 +84,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 def _check_kind(att: pd.DataFrame, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(map(repr, KINDS))}")
-    _require(att, KIND_COLUMNS[kind], f"kind={kind!r}")
+    require_columns(att, KIND_COLUMNS[kind], f"kind={kind!r}")
 
 
 def available_kinds(columns: Sequence[str] | pd.Index) -> list[str]:
@@ -178,6 +180,22 @@ def token_shares(
     return long.sort_values(["trajectory", "token", *by], kind="stable", ignore_index=True)
 
 
+def image_token_shares(att: pd.DataFrame, kind: str = "raw") -> pd.DataFrame:
+    """Image share s[j, t] of every measured (trajectory j, generated token t): the "image" group
+    of :func:`token_shares` (variant ``kind``), the per-token series the decay fits
+    (:mod:`analysis.decay`) and tool-call windows (:mod:`analysis.events`) are built on.
+
+    Returns:
+        Columns trajectory, token, image_share (a fraction; efficiency: a ratio).
+
+    Raises:
+        ValueError: as :func:`token_shares`.
+    """
+    per = token_shares(att, ("group",), kind=kind)
+    per = per[per["group"] == "image"]
+    return per[["trajectory", "token", "share"]].rename(columns={"share": "image_share"})
+
+
 def share_by_token(
     att: pd.DataFrame, by: Sequence[str] = ("group",), *, kind: str = "raw"
 ) -> pd.DataFrame:
@@ -215,7 +233,7 @@ def mean_by_token(per: pd.DataFrame, by: Sequence[str] = ("group",)) -> pd.DataF
         ValueError: a column missing.
     """
     by = list(by)
-    _require(per, ["trajectory", "token", *by, "share"], "mean_by_token")
+    require_columns(per, ["trajectory", "token", *by, "share"], "mean_by_token")
     if per.empty:
         return pd.DataFrame(columns=["token", *by, "share", "std", "n"])
     stats = per.groupby(["token", *by], observed=True)["share"]
@@ -233,7 +251,7 @@ def image_curve(per: pd.DataFrame) -> pd.DataFrame:
     Raises:
         ValueError: a column of :func:`mean_by_token` or "group" missing.
     """
-    _require(per, ["group"], "image_curve")
+    require_columns(per, ["group"], "image_curve")
     curve = mean_by_token(per[per["group"] == "image"], ("group",))
     curve = curve.rename(columns={"share": "image_share"})
     return curve[["token", "image_share", "std", "n"]].reset_index(drop=True)
@@ -274,7 +292,7 @@ def image_shares(att: pd.DataFrame, kind: str = "raw") -> pd.DataFrame:
     """
     cols = ["trajectory", "token", "image", "origin", "share"]
     _check_kind(att, kind)
-    _require(att, ["image", "origin"], "image_shares")
+    require_columns(att, ["image", "origin"], "image_shares")
     if att.empty:
         return pd.DataFrame(columns=cols)
     summed = _summed(att, ["image", "origin"], kind)
@@ -306,7 +324,7 @@ def image_counts(att: pd.DataFrame) -> pd.DataFrame:
     Raises:
         ValueError: no trajectory/image/origin column.
     """
-    _require(att, ["trajectory", "image", "origin"], "image_counts")
+    require_columns(att, ["trajectory", "image", "origin"], "image_counts")
     cols = ["trajectory", "n_images", "n_input", "n_tool", "setting"]
     images = att.loc[att["image"] >= 0, ["trajectory", "image", "origin"]].drop_duplicates()
     ids = pd.Index(att["trajectory"].unique(), name="trajectory")
@@ -338,8 +356,8 @@ def in_setting(df: pd.DataFrame, counts: pd.DataFrame, setting: str) -> pd.DataF
         raise ValueError(
             f"unknown setting {setting!r}: use 'all', 'text-only' or one of {SETTINGS}"
         )
-    _require(df, ["trajectory"], "in_setting")
-    _require(counts, ["trajectory", "setting"], "in_setting counts")
+    require_columns(df, ["trajectory"], "in_setting")
+    require_columns(counts, ["trajectory", "setting"], "in_setting counts")
     if setting == "all":
         return df
     keep = set(counts.loc[counts["setting"] == setting, "trajectory"])
@@ -473,371 +491,3 @@ def top_image_heads(att: pd.DataFrame, k: int = 5, kind: str = "raw") -> pd.Data
         "image_share", ascending=False, kind="stable", na_position="last"
     )
     return order.head(k).reset_index(drop=True)
-
-
-# Decay of the image share
-
-
-def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Slope, intercept and R^2 of y = a + b x by least squares (NaN R^2 for constant y)."""
-    xc = x - x.mean()
-    ym = y.mean()
-    slope = float(xc @ (y - ym) / (xc @ xc))
-    intercept = float(ym - slope * x.mean())
-    ss_tot = float(((y - ym) ** 2).sum())
-    ss_res = float(((y - intercept - slope * x) ** 2).sum())
-    return slope, intercept, (1.0 - ss_res / ss_tot) if ss_tot > 0 else math.nan
-
-
-def _fit(t: np.ndarray, s: np.ndarray, min_tokens: int) -> dict[str, float]:
-    """:func:`decay_fit` on arrays (NaN points already dropped)."""
-    out = dict.fromkeys(FIT_COLUMNS, math.nan) | {"n_points": len(t)}
-    if len(np.unique(t)) >= min_tokens:
-        slope, intercept, r2 = _ols(t, s)
-        out |= {"slope_per_100": 100 * slope, "intercept": intercept, "r2_linear": r2}
-    positive = s > 0
-    tp = t[positive]
-    if len(np.unique(tp)) >= min_tokens:
-        log_slope, log_s0, _ = _ols(tp, np.log(s[positive]))
-        rate = -log_slope  # nats of image share lost per token
-        decays = rate * (tp.max() - tp.min()) > _NO_DECAY
-        out |= {
-            "s0": math.exp(log_s0),
-            "half_life_tokens": math.log(2) / rate if decays else math.inf,
-        }
-    return out
-
-
-def decay_fit(curve: pd.DataFrame, min_tokens: int = 4) -> dict[str, float]:
-    """Linear slope and exponential half-life of an image-share curve.
-
-    (a) OLS, unweighted (each token once): image_share = intercept + slope * token;
-        slope_per_100 = 100 * slope (share per 100 generated tokens), r2_linear its R^2
-        (NaN for a constant curve).
-    (b) Least squares on log(image_share) = log(s0) - token * ln2 / half_life over the points
-        with image_share > 0: s0 the fitted share at token 0, half_life_tokens in generated
-        tokens; inf when the fitted decay rate is <= 0 (no decay; numerically: the fitted drop
-        over the curve's token span is below 1e-12 nats).
-
-    Args:
-        curve: columns token, image_share (e.g. :func:`image_share_curve`; extra columns such
-            as n are ignored); NaN shares are dropped.
-        min_tokens: fewest distinct tokens a fit needs (>= 2), else its values are NaN.
-
-    Returns:
-        dict with :data:`FIT_COLUMNS`: slope_per_100, intercept, half_life_tokens, s0,
-        r2_linear, n_points (the non-NaN points).
-
-    Raises:
-        ValueError: min_tokens < 2, or the token/image_share column is missing.
-    """
-    if min_tokens < 2:
-        raise ValueError(f"min_tokens must be >= 2, got {min_tokens}")
-    _require(curve, ["token", "image_share"], "decay_fit")
-    c = curve[["token", "image_share"]].dropna()
-    t, s = c["token"].to_numpy("float64"), c["image_share"].to_numpy("float64")
-    return _fit(t, s, min_tokens)
-
-
-def _image_token_shares(att: pd.DataFrame, kind: str) -> pd.DataFrame:
-    per = token_shares(att, ("group",), kind=kind)
-    per = per[per["group"] == "image"]
-    return per[["trajectory", "token", "share"]].rename(columns={"share": "image_share"})
-
-
-def decay_fits(
-    att: pd.DataFrame, by: Sequence[str] = ("trajectory",), kind: str = "raw", min_tokens: int = 4
-) -> pd.DataFrame:
-    """:func:`decay_fit` of the image-share curve of each ``by`` group (default: each trajectory).
-
-    The curve of a group is the mean over its trajectories, per token, of the image share of
-    :func:`token_shares`. ``by`` columns other than trajectory (e.g. "setting", "turn") must be
-    constant per (trajectory, token); ``by=()`` fits the pooled curve once.
-
-    Returns:
-        Columns *by, then :data:`FIT_COLUMNS`, one row per group, sorted by ``by``.
-
-    Raises:
-        ValueError: as :func:`token_shares` and :func:`decay_fit`, "token" in ``by`` or a
-            ``by`` column missing.
-    """
-    by = list(by)
-    if "token" in by:
-        raise ValueError("decay_fits: cannot group by 'token' (the fit runs over tokens)")
-    _require(att, by, "decay_fits")
-    per = _image_token_shares(att, kind)
-    extra = [c for c in by if c != "trajectory"]
-    if extra and len(per):
-        first = att.groupby(["trajectory", "token"], sort=False, observed=True)[extra].first()
-        per = per.merge(first.reset_index(), on=["trajectory", "token"])
-    groups = per.groupby(by, sort=True, observed=True) if by else [((), per)]
-    rows = []
-    for key, g in groups:
-        curve = g.groupby("token", as_index=False)["image_share"].mean()
-        rows.append({**dict(zip(by, key)), **decay_fit(curve, min_tokens)})
-    return pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
-
-
-def _interval(draws: np.ndarray, ci: float) -> tuple[float, float]:
-    """Percentile interval of the non-NaN draws; nearest-rank quantiles when a draw is inf
-    (no decay), so inf comes through instead of inf - inf = NaN."""
-    draws = draws[~np.isnan(draws)]
-    if not len(draws):
-        return math.nan, math.nan
-    method = "linear" if np.isfinite(draws).all() else "inverted_cdf"
-    lo, hi = np.quantile(draws, [(1 - ci) / 2, (1 + ci) / 2], method=method)
-    return float(lo), float(hi)
-
-
-def _check_boot(n_boot: int, ci: float) -> None:
-    if n_boot < 1 or not 0 < ci < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < ci < 1, got {n_boot=}, {ci=}")
-
-
-def decay_summary(
-    att: pd.DataFrame,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    kind: str = "raw",
-    min_tokens: int = 4,
-) -> pd.DataFrame:
-    """:func:`decay_fit` of the pooled image-share curve, with bootstrap intervals over trajectories.
-
-    Pooled curve: s[t] = mean_{j reaching t} s[j, t] (:func:`image_share_curve`). Each of
-    ``n_boot`` draws resamples the J trajectories with replacement (numpy ``default_rng(seed)``),
-    recomputes the pooled curve over the drawn multiset (a trajectory drawn twice counts twice)
-    and refits it; lo, hi are the (1 - ci)/2 and (1 + ci)/2 percentiles of the draws (Efron's
-    percentile interval; draws whose fit is NaN are left out).
-
-    Returns:
-        One row per statistic (slope_per_100, intercept, half_life_tokens, s0, r2_linear):
-        columns stat, estimate, lo, hi, n_trajectories, n_points (tokens of the pooled curve).
-
-    Raises:
-        ValueError: n_boot < 1, ci outside (0, 1), or as :func:`token_shares`.
-    """
-    _check_boot(n_boot, ci)
-    stats = [c for c in FIT_COLUMNS if c != "n_points"]
-    cols = ["stat", "estimate", "lo", "hi", "n_trajectories", "n_points"]
-    wide = _image_token_shares(att, kind).pivot(
-        index="trajectory", columns="token", values="image_share"
-    )
-    if wide.empty:
-        return pd.DataFrame([(s, *[math.nan] * 3, 0, 0) for s in stats], columns=cols)
-    shares = wide.to_numpy("float64")  # [trajectory, token], NaN where not reached
-    present = ~np.isnan(shares)
-    filled = np.where(present, shares, 0.0)
-    tokens = wide.columns.to_numpy("float64")
-    n_traj = len(wide)
-    estimate = _fit(tokens, filled.sum(0) / present.sum(0), min_tokens)
-    idx = np.random.default_rng(seed).integers(0, n_traj, size=(n_boot, n_traj))
-    counts = np.zeros((n_boot, n_traj))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        curves = (counts @ filled) / (counts @ present)  # [draw, token], NaN: token not reached
-    draws = []
-    for curve in curves:
-        keep = ~np.isnan(curve)
-        draws.append(_fit(tokens[keep], curve[keep], min_tokens))
-    boot = pd.DataFrame(draws)
-    rows = [
-        (s, estimate[s], *_interval(boot[s].to_numpy("float64"), ci), n_traj, len(tokens))
-        for s in stats
-    ]
-    return pd.DataFrame(rows, columns=cols)
-
-
-# Before versus after a tool call
-
-
-def before_after(
-    att: pd.DataFrame, events: pd.DataFrame, window: int = 8, *, kind: str = "raw"
-) -> pd.DataFrame:
-    """Mean image share in the ``window`` tokens before versus after each tool call.
-
-    For an event at generated token e of trajectory j (first policy token after the tool
-    result): before = mean_{t in [e - window, e)} s[j, t], after = mean_{t in [e, e + window)}
-    s[j, t], with s the per-token image share of :func:`token_shares` (variant ``kind``);
-    delta = after - before. A window with no measured token gives NaN.
-
-    Args:
-        att: long attention table. events: columns trajectory, token, tool, ok, turn (extra
-            ones kept).
-        window: tokens per side, >= 1.
-        kind: see :func:`token_shares`.
-
-    Returns:
-        The event columns plus before, after, delta (fractions), n_before, n_after (tokens).
-
-    Raises:
-        ValueError: window < 1, or as :func:`token_shares`.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    per = token_shares(att, ("group",), kind=kind)
-    image = per[per["group"] == "image"]
-    series = {j: g.set_index("token")["share"] for j, g in image.groupby("trajectory")}
-    empty = pd.Series(dtype="float64")
-    rows = []
-    for trajectory, e in zip(events["trajectory"], events["token"]):
-        s = series.get(trajectory, empty)
-        b = s[(s.index >= e - window) & (s.index < e)]
-        a = s[(s.index >= e) & (s.index < e + window)]
-        rows.append((b.mean(), a.mean(), len(b), len(a)))
-    cols = ["before", "after", "n_before", "n_after"]
-    stats = pd.DataFrame(rows, columns=cols).astype(  # typed even with no events
-        {"before": "float64", "after": "float64", "n_before": "int64", "n_after": "int64"}
-    )
-    out = pd.concat([events.reset_index(drop=True), stats], axis=1)
-    out.insert(out.columns.get_loc("after") + 1, "delta", out["after"] - out["before"])
-    return out
-
-
-def event_aligned_share(
-    att: pd.DataFrame,
-    events: pd.DataFrame,
-    window: int = 8,
-    *,
-    kind: str = "raw",
-    by_tool: bool = False,
-) -> pd.DataFrame:
-    """Image share around tool calls, aligned on the call and averaged over calls.
-
-    For an event at generated token e of trajectory j (the first policy token after the tool
-    result, as in :func:`before_after`), offset o = t - e for o in [-window, window);
-
-        image_share[o] = mean over events (j, e) of s[j, e + o]
-
-    with s the per-token image share of :func:`token_shares` (variant ``kind``). Offsets below
-    0 are before the call's result, 0 and above after it; an event whose trajectory has no
-    measured token e + o does not count at o. The mean over the offsets -window..-1 of one
-    event is its ``before`` of :func:`before_after`. IMAgent (Dong et al., arXiv 2512.08980)
-    and METHOD.md section 6 motivate the view: does looking again restore image attention?
-
-    Args:
-        att: long attention table.
-        events: tool-call events (:func:`analysis.rundir.load_attention_events`): columns
-            trajectory, token (e) and, with ``by_tool``, tool.
-        window: tokens per side, >= 1.
-        kind: see :func:`token_shares`.
-        by_tool: one curve per tool (column tool first) instead of all calls pooled.
-
-    Returns:
-        Columns [tool,] offset, image_share (mean; a fraction, efficiency: a ratio), std
-        (across events, NaN for n = 1), n (events with a measured token at that offset),
-        sorted by [tool,] offset; only offsets with an event; empty without events.
-
-    Raises:
-        ValueError: window < 1, an events column missing, or as :func:`token_shares`.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    by = ["tool"] if by_tool else []
-    _require(events, ["trajectory", "token", *by], "event_aligned_share events")
-    cols = [*by, "offset", "image_share", "std", "n"]
-    image = _image_token_shares(att, kind)
-    if image.empty or events.empty:
-        return pd.DataFrame(columns=cols)
-    calls = events[["trajectory", "token", *by]].rename(columns={"token": "event"})
-    joined = calls.merge(image, on="trajectory")
-    joined["offset"] = joined["token"] - joined["event"]
-    joined = joined[(joined["offset"] >= -window) & (joined["offset"] < window)]
-    stats = joined.groupby([*by, "offset"], sort=True)["image_share"]
-    out = stats.agg(image_share="mean", std="std", n="count").reset_index()
-    return out.astype({"offset": "int64", "n": "int64"})[cols]
-
-
-def _clustered_delta(g: pd.DataFrame, n_boot: int, seed: int, ci: float) -> tuple:
-    """n_events, n_trajectories, before, after, delta and its clustered-bootstrap interval."""
-    if g.empty:
-        return (0, 0, *[math.nan] * 5)
-    per = g.groupby("trajectory")["delta"].agg(["sum", "count"])
-    idx = np.random.default_rng(seed).integers(0, len(per), size=(n_boot, len(per)))
-    boot = per["sum"].to_numpy()[idx].sum(1) / per["count"].to_numpy()[idx].sum(1)
-    means = (g["before"].mean(), g["after"].mean(), g["delta"].mean())
-    return (len(g), len(per), *means, *_interval(boot, ci))
-
-
-def before_after_ci(
-    att: pd.DataFrame,
-    events: pd.DataFrame,
-    window: int = 8,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    by: Sequence[str] = ("tool",),
-    kind: str = "raw",
-) -> pd.DataFrame:
-    """Mean image share before/after tool calls per ``by`` group and overall, with a clustered
-    bootstrap interval of the mean delta.
-
-    delta = mean over events of (after - before) from :func:`before_after`; events with a NaN
-    delta (an empty window) are left out. The events of one trajectory are not independent, so
-    each of ``n_boot`` draws resamples trajectories with replacement and takes all events of a
-    drawn trajectory: delta* = (sum of their deltas) / (number of their events). delta_lo,
-    delta_hi = the (1 - ci)/2, (1 + ci)/2 percentiles of the draws. Every group draws from a
-    fresh ``numpy.random.default_rng(seed)``, so a group's interval does not depend on the others.
-
-    Args:
-        att: long attention table. events: the tool-call events (columns trajectory, token and
-            the ``by`` columns). window: tokens per side. n_boot: bootstrap draws. seed: rng seed.
-        ci: interval level in (0, 1). by: grouping columns of ``events``. kind: see
-            :func:`token_shares`.
-
-    Returns:
-        Columns *by, n_events, n_trajectories, before, after, delta, delta_lo, delta_hi (shares
-        as fractions): one row per group (sorted), then the overall row with "all" in every
-        ``by`` column (n_events 0 and NaN means when no event has both windows).
-
-    Raises:
-        ValueError: window < 1, n_boot < 1, ci outside (0, 1), a missing events column, or as
-            :func:`token_shares`.
-    """
-    _check_boot(n_boot, ci)
-    _require(events, ["trajectory", "token", *by], "before_after_ci events")
-    ba = before_after(att, events, window, kind=kind)
-    return before_after_summary(ba, by, n_boot, seed, ci)
-
-
-def before_after_summary(
-    ba: pd.DataFrame,
-    by: Sequence[str] = ("tool",),
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    *,
-    overall: bool = True,
-) -> pd.DataFrame:
-    """:func:`before_after_ci` of per-event rows already computed (e.g. several arms'
-    :func:`before_after` concatenated with an "arm" column): mean before, after and delta per
-    ``by`` group, with the clustered bootstrap interval of the mean delta described there.
-
-    Args:
-        ba: :func:`before_after` rows: columns trajectory, before, after, delta and ``by``;
-            rows with a NaN delta are left out.
-        by: grouping columns. n_boot: bootstrap draws. seed: rng seed (fresh per group).
-        ci: interval level in (0, 1).
-        overall: append the row of all events ("all" in every ``by`` column); with ``by=()``
-            that row is the only one either way.
-
-    Returns:
-        Columns *by, n_events, n_trajectories, before, after, delta, delta_lo, delta_hi (as in
-        :func:`before_after_ci`), one row per group sorted by ``by``, then the overall row.
-
-    Raises:
-        ValueError: n_boot < 1, ci outside (0, 1), or a column missing.
-    """
-    _check_boot(n_boot, ci)
-    by = list(by)
-    _require(ba, ["trajectory", "before", "after", "delta", *by], "before_after_summary")
-    # rows concatenated by a caller may arrive as object columns (e.g. pandas < 2.1 or tables
-    # built by hand); :func:`before_after` itself always returns float64
-    ba = ba.astype({"before": "float64", "after": "float64", "delta": "float64"})
-    ba = ba.dropna(subset=["delta"])
-    groups = list(ba.groupby(by, sort=True)) if by and len(ba) else []
-    if overall or not by:
-        groups.append((("all",) * len(by), ba))
-    cols = ["n_events", "n_trajectories", "before", "after", "delta", "delta_lo", "delta_hi"]
-    rows = [(*key, *_clustered_delta(g, n_boot, seed, ci)) for key, g in groups]
-    return pd.DataFrame(rows, columns=[*by, *cols])

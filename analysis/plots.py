@@ -24,7 +24,7 @@ from analysis.arms import (
     arm_styles,
     seed_groups,
 )
-from analysis.metrics import before_after_summary
+from analysis.events import before_after_summary
 from analysis.summaries import seed_band
 
 TOOL_DASH = {"reflect": "dash", "confirm": "dot"}
@@ -192,13 +192,13 @@ def eval_table(eval_df: pd.DataFrame) -> pd.DataFrame:
 def before_after_table(
     ba: pd.DataFrame, by: Sequence[str] = ("tool",), n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """Display table of :func:`analysis.metrics.before_after_summary` (no overall row): mean
+    """Display table of :func:`analysis.events.before_after_summary` (no overall row): mean
     image share before/after tool calls per ``by`` group with the 95% clustered-bootstrap
     interval of the mean delta (trajectories resampled; a fresh ``default_rng(seed)`` per
     group), columns renamed for reading and numbers rounded to 4 decimals.
 
     Args:
-        ba: frame of :func:`analysis.metrics.before_after` (columns trajectory, before, after,
+        ba: frame of :func:`analysis.events.before_after` (columns trajectory, before, after,
             delta and the ``by`` columns, e.g. arm and tool).
         by: grouping columns.
         n_boot: bootstrap draws. seed: generator seed.
@@ -208,7 +208,7 @@ def before_after_table(
         fractions).
 
     Raises:
-        ValueError: as :func:`analysis.metrics.before_after_summary`.
+        ValueError: as :func:`analysis.events.before_after_summary`.
     """
     summary = before_after_summary(ba, by, n_boot, seed, overall=False)
     names = {"n_events": "events", "n_trajectories": "trajectories"}
@@ -301,7 +301,7 @@ def event_aligned_figure(aligned: Mapping[str, pd.DataFrame]) -> go.Figure:
     call's result at offset 0 (a vertical line).
 
     Args:
-        aligned: arm -> frame of ``analysis.metrics.event_aligned_share(..., by_tool=True)``
+        aligned: arm -> frame of ``analysis.events.event_aligned_share(..., by_tool=True)``
             (columns tool, offset, image_share, n).
 
     Returns:

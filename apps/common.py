@@ -23,6 +23,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import metrics, rundir, trajview
+from analysis.events import before_after, event_aligned_share
 
 DEFAULT_RUN = "runs/latest"
 CONTEXT_KEY = "relook_context"
@@ -114,9 +115,9 @@ def attention_window(
     att = attention_table(run, arm, stamp)
     events = rundir.load_attention_events(run, arm)
     return {
-        "before_after": metrics.before_after(att, events, window, kind=kind),
-        "aligned": metrics.event_aligned_share(att, events, window, kind=kind, by_tool=True),
-        "aligned_all": metrics.event_aligned_share(att, events, window, kind=kind),
+        "before_after": before_after(att, events, window, kind=kind),
+        "aligned": event_aligned_share(att, events, window, kind=kind, by_tool=True),
+        "aligned_all": event_aligned_share(att, events, window, kind=kind),
     }
 
 

@@ -45,7 +45,7 @@ def decay_png(
 
     Args:
         curves: line name -> columns token, image_share[, n]. fits: line name ->
-            :func:`analysis.metrics.decay_fit` dict.
+            :func:`analysis.decay.decay_fit` dict.
     """
     return _deferred(figures.image_share_figure, dict(curves), dict(fits))
 
@@ -65,9 +65,9 @@ def tool_call_png(
     """Image share aligned on tool calls and the after - before change per arm.
 
     Args:
-        aligned: arm -> columns offset, image_share (``analysis.metrics.event_aligned_share``
+        aligned: arm -> columns offset, image_share (``analysis.events.event_aligned_share``
             with the tools pooled).
-        summary: :func:`analysis.metrics.before_after_summary` with ``by=("arm",)`` (columns
+        summary: :func:`analysis.events.before_after_summary` with ``by=("arm",)`` (columns
             arm, n_events, n_trajectories, before, after, delta, delta_lo, delta_hi).
     """
     if summary.empty:

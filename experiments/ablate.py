@@ -357,7 +357,8 @@ def summary_table(run: Path) -> str:
     import pandas as pd
 
     from analysis import rundir
-    from analysis.metrics import before_after, image_share_curve
+    from analysis.events import before_after
+    from analysis.metrics import image_share_curve
 
     arms = rundir.list_arms(run)
     metrics = rundir.load_metrics(run)

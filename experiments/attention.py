@@ -371,15 +371,17 @@ def _sources(path: Path, arms: tuple[str, ...]) -> dict[str, Path]:
 
 def summarise(att: pd.DataFrame, events: pd.DataFrame, window: int = 8) -> dict:
     """Headline numbers of one arm: trajectories, generated tokens, mean image share, the decay
-    fit of the image-share curve (:func:`analysis.metrics.decay_fit`), and the image share
+    fit of the image-share curve (:func:`analysis.decay.decay_fit`), and the image share
     before/after tool calls with a 95% bootstrap interval of the change across trajectories
-    (:func:`analysis.metrics.before_after_ci`). Shares are fractions of attention."""
+    (:func:`analysis.events.before_after_ci`). Shares are fractions of attention."""
     from analysis import metrics
+    from analysis.decay import decay_fit
+    from analysis.events import before_after_ci
 
     if att.empty:
         return {"trajectories": 0}
     curve = metrics.image_share_curve(att)
-    fit = metrics.decay_fit(curve)
+    fit = decay_fit(curve)
     out = {
         "trajectories": int(att["trajectory"].nunique()),
         "tokens": int(att.groupby("trajectory")["token"].nunique().sum()),
@@ -388,7 +390,7 @@ def summarise(att: pd.DataFrame, events: pd.DataFrame, window: int = 8) -> dict:
         "slope_per_100": float(fit["slope_per_100"]),
     }
     if len(events):
-        ba = metrics.before_after_ci(att, events, window=window)
+        ba = before_after_ci(att, events, window=window)
         overall = ba[ba["tool"] == "all"].iloc[0]
         out.update(
             tool_calls=int(overall["n_events"]),

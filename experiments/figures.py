@@ -41,11 +41,10 @@ from analysis import figures as fg
 from analysis import rundir as rd
 from analysis import tables
 from analysis.arms import arm_label, arm_type, order_arms
+from analysis.decay import decay_fit
+from analysis.events import before_after_ci, event_aligned_share
 from analysis.metrics import (
     SETTINGS,
-    before_after_ci,
-    decay_fit,
-    event_aligned_share,
     image_counts,
     image_share_curve,
     in_setting,

@@ -96,7 +96,8 @@ def base_attention(
     from agent.evaluation import evaluate
     from agent.rollout import Agent, AgentConfig
     from agent.tools import ImageFrame
-    from analysis.metrics import before_after, image_share_curve
+    from analysis.events import before_after
+    from analysis.metrics import image_share_curve
     from experiments.attention import measure
     from train.loop import make_generator
 
@@ -162,7 +163,7 @@ def main(args: ProbeArgs) -> dict:
     atomic_write_json(args.out, result)
     if args.card:
         from agent.modeling import RELOOK_TINY, resolve_model
-        from train.pretrain import write_card
+        from train.model_card import write_card
 
         shown = "models/relook-tiny" if args.model == RELOOK_TINY else args.model
         print(f"model card: {write_card(resolve_model(args.model), result, shown)}")

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from analysis import decay, plots
+from analysis import events as ev
 from analysis import metrics as m
-from analysis import plots
 from analysis import rundir as rd
 from tests.analysis.test_rundir import REGIONS, synthetic_attention
 
@@ -85,7 +86,7 @@ def test_image_share_curve_and_before_after_exact(hand_attention):
         {"trajectory": ["a", "b", "zz"], "token": [1, 1, 0], "tool": ["reflect"] * 3}
         | {"ok": [True, True, False], "turn": [1, 1, 1]}
     )
-    ba = m.before_after(hand_attention, events, window=8)
+    ba = ev.before_after(hand_attention, events, window=8)
     assert ba["before"].tolist()[:2] == [0.375, 0.5] and math.isnan(ba["before"][2])
     assert ba["after"][0] == 0.5 and ba["delta"][0] == 0.125 and math.isnan(ba["after"][1])
     assert ba[["n_before", "n_after"]].values.tolist() == [[1, 1], [1, 0], [0, 0]]
@@ -95,7 +96,7 @@ def test_image_share_curve_and_before_after_exact(hand_attention):
         "delta": 0.125, "delta_lo": 0.125, "delta_hi": 0.125,
     }  # fmt: skip
     with pytest.raises(ValueError, match="window"):
-        m.before_after(hand_attention, events, window=0)
+        ev.before_after(hand_attention, events, window=0)
 
 
 def test_random_shares_sum_to_one():
@@ -108,8 +109,8 @@ def test_empty_tables_give_empty_frames():
     att = pd.DataFrame({c: pd.Series(dtype=t) for c, t in rd.ATTENTION_COLUMNS.items()})
     assert m.image_share_curve(att).empty and m.share_by_token(att).empty
     assert m.image_shares(att).empty and m.head_shares(att).empty and m.band_shares(att).empty
-    assert m.head_summary(att).empty and m.decay_fits(att).empty
-    assert m.decay_summary(att, n_boot=5)["n_trajectories"].eq(0).all()
+    assert m.head_summary(att).empty and decay.decay_fits(att).empty
+    assert decay.decay_summary(att, n_boot=5)["n_trajectories"].eq(0).all()
 
 
 # Variants: raw, no_sink, value, efficiency on a 2-trajectory x 2-layer x 2-head table
@@ -209,7 +210,7 @@ def test_share_curve_and_image_shares_variants(variant_att):
     ]  # fmt: skip
     np.testing.assert_allclose(per_image["share"], [0.5625] * 3 + [0.5] * 2, rtol=1e-12)
     events = pd.DataFrame({"trajectory": ["a"], "token": [1], "tool": ["reflect"]})
-    ba = m.before_after(variant_att, events, window=1, kind="efficiency")
+    ba = ev.before_after(variant_att, events, window=1, kind="efficiency")
     np.testing.assert_allclose(
         ba[["before", "after", "delta"]].iloc[0], [0.6875, 0.7734375, 0.0859375]
     )
@@ -287,27 +288,29 @@ def _curve(t, s):
 
 def test_decay_fit_exact_curves():
     t = np.arange(40)
-    fit = m.decay_fit(_curve(t, 0.6 * 2.0 ** (-t / 12.5)))
+    fit = decay.decay_fit(_curve(t, 0.6 * 2.0 ** (-t / 12.5)))
     assert fit["half_life_tokens"] == pytest.approx(12.5, abs=1e-6)
     assert fit["s0"] == pytest.approx(0.6, rel=1e-9) and fit["n_points"] == 40
-    line = m.decay_fit(_curve(t, 0.5 - 0.002 * t))
+    line = decay.decay_fit(_curve(t, 0.5 - 0.002 * t))
     assert line["slope_per_100"] == pytest.approx(-0.2, abs=1e-12)
     assert line["intercept"] == pytest.approx(0.5, abs=1e-12)
     assert line["r2_linear"] == pytest.approx(1.0, abs=1e-12)
     assert 0 < line["half_life_tokens"] < math.inf
-    flat = m.decay_fit(_curve(t, np.full(40, 0.3)))
+    flat = decay.decay_fit(_curve(t, np.full(40, 0.3)))
     assert flat["half_life_tokens"] == math.inf and flat["s0"] == pytest.approx(0.3)
     assert flat["slope_per_100"] == pytest.approx(0.0, abs=1e-12) and math.isnan(flat["r2_linear"])
-    assert m.decay_fit(_curve(t, 0.1 + 0.01 * t))["half_life_tokens"] == math.inf
+    assert decay.decay_fit(_curve(t, 0.1 + 0.01 * t))["half_life_tokens"] == math.inf
     # NaN points dropped, zero shares left out of the log fit only; too few points -> NaN
-    gaps = m.decay_fit(_curve([0, 1, 2, 3, 4], [0.5, math.nan, 0.125, 0.0625, 0.0]), min_tokens=3)
+    gaps = decay.decay_fit(
+        _curve([0, 1, 2, 3, 4], [0.5, math.nan, 0.125, 0.0625, 0.0]), min_tokens=3
+    )
     assert gaps["n_points"] == 4 and gaps["half_life_tokens"] == pytest.approx(1.0, abs=1e-12)
-    few = m.decay_fit(_curve([0, 1, 2], [0.5, 0.25, 0.125]))
-    assert few["n_points"] == 3 and all(math.isnan(few[k]) for k in m.FIT_COLUMNS[:-1])
+    few = decay.decay_fit(_curve([0, 1, 2], [0.5, 0.25, 0.125]))
+    assert few["n_points"] == 3 and all(math.isnan(few[k]) for k in decay.FIT_COLUMNS[:-1])
     with pytest.raises(ValueError, match="min_tokens"):
-        m.decay_fit(_curve(t, t), min_tokens=1)
+        decay.decay_fit(_curve(t, t), min_tokens=1)
     with pytest.raises(ValueError, match="image_share"):
-        m.decay_fit(pd.DataFrame({"token": t}))
+        decay.decay_fit(pd.DataFrame({"token": t}))
 
 
 def _curve_table(curves, origins=("input",)):
@@ -329,29 +332,29 @@ DECAY = {"a": [2.0 ** -(t + 1) for t in range(6)], "b": [0.5 - t / 16 for t in r
 
 def test_decay_fits_per_trajectory_and_pooled():
     att = _curve_table(DECAY)
-    fits = m.decay_fits(att).set_index("trajectory")
+    fits = decay.decay_fits(att).set_index("trajectory")
     assert fits.loc["a", "half_life_tokens"] == pytest.approx(1.0, abs=1e-9)
     assert fits.loc["a", "s0"] == pytest.approx(0.5, rel=1e-9)
     assert fits.loc["b", "slope_per_100"] == pytest.approx(-6.25, abs=1e-9)
     assert fits.loc["b", "intercept"] == pytest.approx(0.5, abs=1e-12)
     a_slope = 100 * np.polyfit(np.arange(6), DECAY["a"], 1)[0]
     assert fits.loc["a", "slope_per_100"] == pytest.approx(a_slope, abs=1e-9)
-    pooled = m.decay_fits(att, by=())
+    pooled = decay.decay_fits(att, by=())
     # OLS is linear in y: the slope of the mean curve is the mean of the slopes.
     assert pooled["slope_per_100"][0] == pytest.approx((a_slope - 6.25) / 2, abs=1e-9)
-    by_setting = m.decay_fits(
+    by_setting = decay.decay_fits(
         att.assign(setting=att["trajectory"].map({"a": "x", "b": "y"})), ("setting",)
     )
     np.testing.assert_allclose(by_setting["half_life_tokens"], fits["half_life_tokens"])
     with pytest.raises(ValueError, match="token"):
-        m.decay_fits(att, by=("token",))
+        decay.decay_fits(att, by=("token",))
 
 
 def test_decay_summary_bootstrap_exact():
     att = _curve_table(DECAY)
-    fits = m.decay_fits(att).set_index("trajectory")
-    out = m.decay_summary(att, n_boot=400, seed=1).set_index("stat")
-    pooled = m.decay_fits(att, by=())
+    fits = decay.decay_fits(att).set_index("trajectory")
+    out = decay.decay_summary(att, n_boot=400, seed=1).set_index("stat")
+    pooled = decay.decay_fits(att, by=())
     assert out.loc["slope_per_100", "estimate"] == pytest.approx(pooled["slope_per_100"][0])
     assert out["n_trajectories"].eq(2).all() and out["n_points"].eq(6).all()
     # Draws are a-only, b-only (1/4 each) or both: the 95% interval spans a's and b's fits.
@@ -360,15 +363,15 @@ def test_decay_summary_bootstrap_exact():
         assert out.loc[stat, "lo"] == pytest.approx(lo, rel=1e-9)
         assert out.loc[stat, "hi"] == pytest.approx(hi, rel=1e-9)
     pd.testing.assert_frame_equal(
-        m.decay_summary(att, n_boot=400, seed=1), m.decay_summary(att, n_boot=400, seed=1)
+        decay.decay_summary(att, n_boot=400, seed=1), decay.decay_summary(att, n_boot=400, seed=1)
     )
-    flat = m.decay_summary(_curve_table({"a": [0.25] * 6, "b": [0.5] * 6}), n_boot=50)
+    flat = decay.decay_summary(_curve_table({"a": [0.25] * 6, "b": [0.5] * 6}), n_boot=50)
     assert (
         flat.set_index("stat").loc["half_life_tokens", ["estimate", "lo", "hi"]].tolist()
         == [math.inf] * 3
     )
     with pytest.raises(ValueError, match="n_boot"):
-        m.decay_summary(att, n_boot=0)
+        decay.decay_summary(att, n_boot=0)
 
 
 # Before versus after tool calls, clustered bootstrap
@@ -390,7 +393,7 @@ def test_before_after_ci_exact():
     events = _events(
         [("a", 3, "reflect"), ("b", 2, "confirm"), ("c", 3, "reflect"), ("b", 0, "confirm")]
     )
-    out = m.before_after_ci(att, events, window=3, n_boot=500, seed=0)
+    out = ev.before_after_ci(att, events, window=3, n_boot=500, seed=0)
     assert out["tool"].tolist() == ["confirm", "reflect", "all"]
     assert out["n_events"].tolist() == [1, 2, 3] and out["n_trajectories"].tolist() == [1, 2, 3]
     np.testing.assert_allclose(out["before"], [0.5, 0.25, 1 / 3], rtol=1e-12)
@@ -402,21 +405,21 @@ def test_before_after_ci_exact():
     )
     lo, delta, hi = out.iloc[2][["delta_lo", "delta", "delta_hi"]]
     assert 0.125 <= lo < delta < hi <= 0.5
-    again = m.before_after_ci(att, events, window=3, n_boot=500, seed=0)
+    again = ev.before_after_ci(att, events, window=3, n_boot=500, seed=0)
     pd.testing.assert_frame_equal(out, again)
     # The same from per-event rows; without the overall row, the groups are unchanged.
-    ba = m.before_after(att, events, window=3)
-    pd.testing.assert_frame_equal(m.before_after_summary(ba, n_boot=500, seed=0), out)
-    groups = m.before_after_summary(ba, n_boot=500, seed=0, overall=False)
+    ba = ev.before_after(att, events, window=3)
+    pd.testing.assert_frame_equal(ev.before_after_summary(ba, n_boot=500, seed=0), out)
+    groups = ev.before_after_summary(ba, n_boot=500, seed=0, overall=False)
     pd.testing.assert_frame_equal(groups, out.iloc[:2])
     # an arm without events gives typed empty columns, so concatenating it keeps float64
-    none = m.before_after(att, events.iloc[:0], window=3)
+    none = ev.before_after(att, events.iloc[:0], window=3)
     assert none.empty and (none[["before", "after", "delta"]].dtypes == "float64").all()
     joined = pd.concat([none, ba], ignore_index=True)
     assert (joined[["before", "after", "delta"]].dtypes == "float64").all()
     # per-arm rows concatenated with an empty arm's table arrive as object columns (the app)
     mixed = pd.concat([ba.iloc[:0].astype(object), ba.astype(object)], ignore_index=True)
-    pd.testing.assert_frame_equal(m.before_after_summary(mixed, n_boot=500, seed=0), out)
+    pd.testing.assert_frame_equal(ev.before_after_summary(mixed, n_boot=500, seed=0), out)
     table = plots.before_after_table(ba, n_boot=500, seed=0)
     assert table["events"].tolist() == [1, 2]
     np.testing.assert_allclose(table["delta_hi"], out["delta_hi"][:2].round(4))
@@ -425,16 +428,16 @@ def test_before_after_ci_exact():
 def test_before_after_ci_resamples_trajectories_not_events():
     att = _curve_table(BA_CURVES)
     # two calls of one trajectory: deltas .5 and (.25 + .25 + .75) / 3 - .25 = 1/6
-    out = m.before_after_ci(att, _events([("a", 3, "reflect"), ("a", 1, "reflect")]), 3, by=())
+    out = ev.before_after_ci(att, _events([("a", 3, "reflect"), ("a", 1, "reflect")]), 3, by=())
     assert out.columns[0] == "n_events" and out["n_trajectories"].tolist() == [1]
     # an event-level bootstrap would spread; all draws of the one trajectory give the same mean
     np.testing.assert_allclose(out[["delta", "delta_lo", "delta_hi"]].values[0], [1 / 3] * 3)
-    none = m.before_after_ci(att, _events([("b", 0, "confirm")]), 3)
+    none = ev.before_after_ci(att, _events([("b", 0, "confirm")]), 3)
     assert none["tool"].tolist() == ["all"] and none["n_events"].tolist() == [0]
     with pytest.raises(ValueError, match="ci"):
-        m.before_after_ci(att, _events([("a", 3, "reflect")]), ci=1.0)
+        ev.before_after_ci(att, _events([("a", 3, "reflect")]), ci=1.0)
     with pytest.raises(ValueError, match="tool"):
-        m.before_after_ci(att, _events([("a", 3, "reflect")]).drop(columns="tool"))
+        ev.before_after_ci(att, _events([("a", 3, "reflect")]).drop(columns="tool"))
 
 
 # Aligned on tool calls; images and settings of a trajectory
@@ -444,25 +447,25 @@ def test_event_aligned_share_exact():
     # a: image share (t + 1) / 8 over 8 tokens; b: 1, 7/8, 6/8, 5/8 over 4 tokens.
     att = _curve_table({"a": [(t + 1) / 8 for t in range(8)], "b": [1, 7 / 8, 6 / 8, 5 / 8]})
     events = _events([("a", 2, "reflect"), ("a", 6, "confirm"), ("b", 3, "reflect")])
-    out = m.event_aligned_share(att, events, window=2)
+    out = ev.event_aligned_share(att, events, window=2)
     # offsets -2..1: a@2 sees tokens 0..3, a@6 tokens 4..7, b@3 tokens 1..3 (no token 4).
     assert out.columns.tolist() == ["offset", "image_share", "std", "n"]
     assert out["offset"].tolist() == [-2, -1, 0, 1] and out["n"].tolist() == [3, 3, 3, 2]
     np.testing.assert_allclose(out["image_share"], [13 / 24, 14 / 24, 15 / 24, 0.75])
     # The offsets before the call average to before_after's mean "before" (equal n per offset).
-    before = m.before_after(att, events, window=2)["before"].mean()
+    before = ev.before_after(att, events, window=2)["before"].mean()
     assert out.loc[out["offset"] < 0, "image_share"].mean() == pytest.approx(before)
-    per_tool = m.event_aligned_share(att, events, window=2, by_tool=True)
+    per_tool = ev.event_aligned_share(att, events, window=2, by_tool=True)
     reflect = per_tool[per_tool["tool"] == "reflect"]
     assert reflect["image_share"].tolist() == [0.5, 0.5, 0.5, 0.5]
     assert reflect["n"].tolist() == [2, 2, 2, 1]
     confirm = per_tool[per_tool["tool"] == "confirm"]
     assert confirm["image_share"].tolist() == [5 / 8, 6 / 8, 7 / 8, 1.0]
-    assert m.event_aligned_share(att, events.iloc[:0], 2).empty
+    assert ev.event_aligned_share(att, events.iloc[:0], 2).empty
     with pytest.raises(ValueError, match="window"):
-        m.event_aligned_share(att, events, 0)
+        ev.event_aligned_share(att, events, 0)
     with pytest.raises(ValueError, match="tool"):
-        m.event_aligned_share(att, events.drop(columns="tool"), by_tool=True)
+        ev.event_aligned_share(att, events.drop(columns="tool"), by_tool=True)
 
 
 def test_image_counts_and_settings():
@@ -518,13 +521,13 @@ KIND_USERS = {
     "head_shares": lambda att, kind: m.head_shares(att, kind=kind),
     "head_summary": lambda att, kind: m.head_summary(att, kind=kind),
     "top_image_heads": lambda att, kind: m.top_image_heads(att, kind=kind),
-    "decay_fits": lambda att, kind: m.decay_fits(att, kind=kind),
-    "decay_summary": lambda att, kind: m.decay_summary(att, n_boot=5, kind=kind),
-    "before_after": lambda att, kind: m.before_after(att, _events([("a", 1, "r")]), kind=kind),
-    "before_after_ci": lambda att, kind: m.before_after_ci(
+    "decay_fits": lambda att, kind: decay.decay_fits(att, kind=kind),
+    "decay_summary": lambda att, kind: decay.decay_summary(att, n_boot=5, kind=kind),
+    "before_after": lambda att, kind: ev.before_after(att, _events([("a", 1, "r")]), kind=kind),
+    "before_after_ci": lambda att, kind: ev.before_after_ci(
         att, _events([("a", 1, "r")]), kind=kind
     ),
-    "event_aligned_share": lambda att, kind: m.event_aligned_share(
+    "event_aligned_share": lambda att, kind: ev.event_aligned_share(
         att, _events([("a", 1, "r")]), kind=kind
     ),
 }

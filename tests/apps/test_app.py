@@ -186,6 +186,8 @@ def test_compare_runs_prefixes_arms(run, monkeypatch):
 def test_png_export_renders_the_paper_figures(run):
     """The PNG buttons' callables (AppTest cannot click a download): real PNG bytes."""
     from analysis import metrics
+    from analysis.decay import decay_fit
+    from analysis.events import before_after, before_after_summary, event_aligned_share
     from apps import figures
 
     magic = b"\x89PNG\r\n\x1a\n"
@@ -193,12 +195,12 @@ def test_png_export_renders_the_paper_figures(run):
     att = rundir.load_attention(run, "full-s0")
     events = rundir.load_attention_events(run, "full-s0")
     curve = metrics.image_share_curve(att)
-    aligned = metrics.event_aligned_share(att, events, 2)
-    ba = metrics.before_after(att, events, 2).assign(arm="full")
-    summary = metrics.before_after_summary(ba, ("arm",), n_boot=50, overall=False)
+    aligned = event_aligned_share(att, events, 2)
+    ba = before_after(att, events, 2).assign(arm="full")
+    summary = before_after_summary(ba, ("arm",), n_boot=50, overall=False)
     builders = [
         figures.training_png(kl, "actor/kl"),
-        figures.decay_png({"full": curve}, {"full": metrics.decay_fit(curve)}),
+        figures.decay_png({"full": curve}, {"full": decay_fit(curve)}),
         figures.shares_png(metrics.share_by_token(att), "full", "all"),
         figures.tool_call_png({"full": aligned}, summary),
     ]

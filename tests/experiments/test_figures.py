@@ -19,9 +19,8 @@ from matplotlib.collections import PolyCollection
 from analysis import arms, tables
 from analysis import figures as fg
 from analysis import rundir as rd
+from analysis.events import before_after_ci, event_aligned_share
 from analysis.metrics import (
-    before_after_ci,
-    event_aligned_share,
     image_counts,
     image_share_curve,
     in_setting,

@@ -17,15 +17,14 @@ from agent.data.pretrain import COLOURS, KINDS, SHAPES, Mix, pretrain_example, r
 from agent.data.tasks import FAMILIES, TaskConfig
 from agent.modeling import TinySpec, build_tiny_model, load_policy
 from agent.tools import ImageFrame
+from train.model_card import load_config, write_card
 from train.pretrain import (
     STAGE1_MIX,
     PretrainConfig,
     curriculum,
-    load_config,
     pretrain,
     vision_example,
     vision_warmup,
-    write_card,
 )
 
 FRAME = ImageFrame(14, 2, 56 * 56, 112 * 112)
