@@ -7,7 +7,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import arms, decay, events, metrics, plots, summaries
+from analysis import arms, metrics, plots, summaries
+from analysis.decay import decay_fit
+from analysis.events import before_after_summary
 from apps import common
 from apps.figures import decay_png, shares_png, tool_call_png
 
@@ -62,7 +64,7 @@ def decay_tab() -> None:
     ]
     events_df = pd.concat(events, ignore_index=True) if events else None
     data = pd.concat([c.assign(arm=a) for a, c in curves.items()], ignore_index=True)
-    fits = {name: decay.decay_fit(c) for name, c in curves.items()}
+    fits = {name: decay_fit(c) for name, c in curves.items()}
     common.chart(
         plots.image_share_figure(curves, events_df), data, key="image_share",
         name=f"{stem}_image_share_{kind}_{setting}", png=decay_png(curves, fits),
@@ -114,7 +116,7 @@ def tool_call_tab() -> None:
     ba = pd.concat([w["before_after"].assign(arm=a) for a, w in windows.items()], ignore_index=True)
     png = None
     if len(ba):
-        summary = events.before_after_summary(ba, by=("arm",), overall=False)
+        summary = before_after_summary(ba, by=("arm",), overall=False)
         png = tool_call_png({a: w["aligned_all"] for a, w in windows.items()}, summary)
     common.chart(
         plots.event_aligned_figure(aligned), data, key="aligned",
