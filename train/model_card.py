@@ -6,6 +6,7 @@ Used at the end of ``python -m train.pretrain`` and by ``python -m experiments.p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
@@ -51,7 +52,9 @@ def _table(rows: dict[str, dict], cols: list[str]) -> list[str]:
     return lines
 
 
-def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: int) -> str:
+def render_model_card(
+    cfg: dict, probe: dict, wall_s: float | None, n_params: int, weights_sha256: str | None = None
+) -> str:
     """The ``README.md`` model card of a pretrained relook-tiny.
 
     Args:
@@ -60,6 +63,8 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
             ``attention`` section of ``experiments.probe`` when present).
         wall_s: pretraining wall time in seconds (None: unknown).
         n_params: parameter count.
+        weights_sha256: hex sha256 of ``model.safetensors``, printed under the rebuild command
+            so that a rebuild can be checked bit for bit (None: left out).
     """
     wall = "unknown" if wall_s is None else f"{wall_s / 60:.1f} min"
     lines = [
@@ -130,6 +135,15 @@ def render_model_card(cfg: dict, probe: dict, wall_s: float | None, n_params: in
         "python -m experiments.probe --model <out> --out <out>/probe.json --card",
         "```",
         "",
+        *(
+            [
+                f"A bit-for-bit rebuild has `sha256sum <out>/model.safetensors` = "
+                f"`{weights_sha256}`.",
+                "",
+            ]
+            if weights_sha256
+            else []
+        ),
         "## Held-out probes",
         "",
         "Test split: backgrounds and MNIST digits never seen in training; greedy decoding.",
@@ -245,7 +259,8 @@ def _wall_time(log: Path) -> float:
 def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) -> Path:
     """(Re)write ``<model_dir>/README.md`` from its ``relook_pretrain.json``, ``log.jsonl`` (wall
     time) and ``probe``; returns the card's path. ``out_name`` is the ``--out`` shown in the
-    rebuild command (default: ``model_dir``).
+    rebuild command (default: ``model_dir``). The card states the sha256 of
+    ``model.safetensors`` that a bit-for-bit rebuild must reproduce.
 
     Raises:
         FileNotFoundError: ``model_dir`` has no ``relook_pretrain.json``.
@@ -260,7 +275,8 @@ def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) 
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     card = model_dir / "README.md"
-    card.write_text(render_model_card(saved, probe, wall, n_params))
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    card.write_text(render_model_card(saved, probe, wall, n_params, digest))
     return card
 
 

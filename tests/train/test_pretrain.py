@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shlex
@@ -155,6 +156,8 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     assert (
         "--out models/x" in card.read_text() and "Attention of the base model" in card.read_text()
     )
+    digest = hashlib.sha256((tmp_path / "full" / "model.safetensors").read_bytes()).hexdigest()
+    assert f"`sha256sum <out>/model.safetensors` = `{digest}`" in card.read_text()
     assert np.mean([r["loss"] for r in log[-2:]]) < log[0]["loss"]
     # a run stopped after step 3 and resumed gives bit-identical weights
     pretrain(
