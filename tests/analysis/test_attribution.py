@@ -17,13 +17,12 @@ from agent.modeling import RELOOK_TINY_DIR, TinySpec, build_tiny_model, load_pol
 from analysis.attribution import (
     answer_log_prob,
     attention_knockout,
-    causal_agreement,
-    causal_table,
     grey_pixel_rows,
     image_attribution,
     image_knockouts,
     with_images,
 )
+from analysis.causal import causal_agreement, causal_table
 from analysis.replay import replay_attention
 from analysis.spans import SpecialIds, image_runs, region_labels
 from tests.analysis.test_replay import INPUT_SIZES, REFLECT_SIZE, _image, _trajectory
