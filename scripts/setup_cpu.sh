@@ -6,8 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_PIN=${RELOOK_TORCH:-torch==2.13.0}
+# transformers is pinned too: relook-tiny's bit-for-bit rebuild (models/relook-tiny/README.md)
+# and the golden-rows test (tests/train/golden_loop_rows.json lists the versions it was verified
+# with; other versions skip it) depend on it. Re-verify both before moving this pin.
+TRANSFORMERS_PIN=${RELOOK_TRANSFORMERS:-transformers==5.24.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-echo "$TORCH_PIN" > .venv/relook-constraints.txt
+printf '%s\n' "$TORCH_PIN" "$TRANSFORMERS_PIN" > .venv/relook-constraints.txt
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "$TORCH_PIN"
 fi

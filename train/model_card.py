@@ -53,7 +53,12 @@ def _table(rows: dict[str, dict], cols: list[str]) -> list[str]:
 
 
 def render_model_card(
-    cfg: dict, probe: dict, wall_s: float | None, n_params: int, weights_sha256: str | None = None
+    cfg: dict,
+    probe: dict,
+    wall_s: float | None,
+    n_params: int,
+    weights_sha256: str | None = None,
+    transformers_version: str | None = None,
 ) -> str:
     """The ``README.md`` model card of a pretrained relook-tiny.
 
@@ -65,6 +70,9 @@ def render_model_card(
         n_params: parameter count.
         weights_sha256: hex sha256 of ``model.safetensors``, printed under the rebuild command
             so that a rebuild can be checked bit for bit (None: left out).
+        transformers_version: the transformers release that saved the weights (``config.json``'s
+            ``transformers_version``); a bit-for-bit rebuild needs the same one, which
+            ``scripts/setup_cpu.sh`` pins (None: left out).
     """
     wall = "unknown" if wall_s is None else f"{wall_s / 60:.1f} min"
     lines = [
@@ -128,7 +136,14 @@ def render_model_card(
         "on one core of the 2-core CPU machine. Per-step loss and probes: `log.jsonl`; "
         "configuration: `relook_pretrain.json`.",
         "",
-        "Rebuild bit-for-bit (same machine kind, `OMP_NUM_THREADS=1`):",
+        "Rebuild bit-for-bit (same machine kind, `OMP_NUM_THREADS=1`"
+        + (
+            f", the `scripts/setup_cpu.sh` environment; these weights were saved by "
+            f"transformers {transformers_version}"
+            if transformers_version
+            else ""
+        )
+        + "):",
         "",
         "```",
         cfg.get("rebuild_command", "(see relook_pretrain.json)"),
@@ -260,7 +275,8 @@ def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) 
     """(Re)write ``<model_dir>/README.md`` from its ``relook_pretrain.json``, ``log.jsonl`` (wall
     time) and ``probe``; returns the card's path. ``out_name`` is the ``--out`` shown in the
     rebuild command (default: ``model_dir``). The card states the sha256 of
-    ``model.safetensors`` that a bit-for-bit rebuild must reproduce.
+    ``model.safetensors`` that a bit-for-bit rebuild must reproduce, and the transformers release
+    that saved it (``config.json``).
 
     Raises:
         FileNotFoundError: ``model_dir`` has no ``relook_pretrain.json``.
@@ -276,7 +292,10 @@ def write_card(model_dir: str | Path, probe: dict, out_name: str | None = None) 
         n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     card = model_dir / "README.md"
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
-    card.write_text(render_model_card(saved, probe, wall, n_params, digest))
+    config = json.loads((model_dir / "config.json").read_text())
+    card.write_text(
+        render_model_card(saved, probe, wall, n_params, digest, config.get("transformers_version"))
+    )
     return card
 
 

@@ -94,15 +94,18 @@ def _with(cfg: ArmConfig, **grpo) -> ArmConfig:
 def test_torch_engine_rows_equal_the_pre_engine_loop(name, tiny_dir):
     """Bit-identical to the loop before train.engine existed (commit d4286c7): its rows on the
     seed-0 random tiny model (``build_tiny_model(seed=0)``, the ``tiny_dir`` fixture) were
-    recorded in golden_loop_rows.json."""
+    recorded in golden_loop_rows.json. Bit-identical rows are only expected under a version set
+    listed in its ``verified_with`` (each one checked by running this comparison); the CPU setup
+    pins torch and transformers to one of them, so CI always runs it. Another set skips, naming
+    both, rather than failing on numerics an upstream release may legitimately change."""
     golden = json.loads(GOLDEN.read_text())
     weights = hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()
     versions = {
         "torch": torch.__version__, "transformers": transformers.__version__,
         "tiny-seed0": weights,
     }  # fmt: skip
-    if golden["versions"] != versions:
-        pytest.skip(f"golden rows recorded with {golden['versions']}, running {versions}")
+    if versions not in golden["verified_with"]:
+        pytest.skip(f"golden rows verified with {golden['verified_with']}, running {versions}")
     rows = train(GOLDEN_CONFIGS[name], load_policy(tiny_dir), progress=False)
     assert _comparable(rows) == golden["rows"][name]
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import transformers
 import tyro
 from safetensors.torch import load_file
 
@@ -158,6 +159,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     )
     digest = hashlib.sha256((tmp_path / "full" / "model.safetensors").read_bytes()).hexdigest()
     assert f"`sha256sum <out>/model.safetensors` = `{digest}`" in card.read_text()
+    assert f"saved by transformers {transformers.__version__})" in card.read_text()
     assert np.mean([r["loss"] for r in log[-2:]]) < log[0]["loss"]
     # a run stopped after step 3 and resumed gives bit-identical weights
     pretrain(
