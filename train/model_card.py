@@ -71,8 +71,8 @@ def render_model_card(
         weights_sha256: hex sha256 of ``model.safetensors``, printed under the rebuild command
             so that a rebuild can be checked bit for bit (None: left out).
         transformers_version: the transformers release that saved the weights (``config.json``'s
-            ``transformers_version``); a bit-for-bit rebuild needs the same one, which
-            ``scripts/setup_cpu.sh`` pins (None: left out).
+            ``transformers_version``). Bit-for-bit rebuilds are verified per release, and
+            ``scripts/setup_cpu.sh`` pins a verified one (None: left out).
     """
     wall = "unknown" if wall_s is None else f"{wall_s / 60:.1f} min"
     lines = [
