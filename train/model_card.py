@@ -75,6 +75,12 @@ def render_model_card(
             ``scripts/setup_cpu.sh`` pins a verified one (None: left out).
     """
     wall = "unknown" if wall_s is None else f"{wall_s / 60:.1f} min"
+    saved_by = (
+        f", the `scripts/setup_cpu.sh` environment; these weights were saved by transformers "
+        f"{transformers_version}"
+        if transformers_version
+        else ""
+    )
     lines = [
         "# relook-tiny",
         "",
@@ -136,14 +142,7 @@ def render_model_card(
         "on one core of the 2-core CPU machine. Per-step loss and probes: `log.jsonl`; "
         "configuration: `relook_pretrain.json`.",
         "",
-        "Rebuild bit-for-bit (same machine kind, `OMP_NUM_THREADS=1`"
-        + (
-            f", the `scripts/setup_cpu.sh` environment; these weights were saved by "
-            f"transformers {transformers_version}"
-            if transformers_version
-            else ""
-        )
-        + "):",
+        f"Rebuild bit-for-bit (same machine kind, `OMP_NUM_THREADS=1`{saved_by}):",
         "",
         "```",
         cfg.get("rebuild_command", "(see relook_pretrain.json)"),
