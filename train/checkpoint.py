@@ -195,7 +195,8 @@ def load_checkpoint(folder: str | Path, model, verify: bool = True) -> dict[str,
             multi-GB checkpoint twice is pure cost).
 
     Raises:
-        ValueError: the checkpoint does not verify (the message names the file).
+        ValueError: the checkpoint does not verify (the message names the file), or its
+            weights miss or add tensors (:func:`agent.weights.load_weights`).
         RuntimeError: its weights do not fit ``model`` (``load_state_dict``, strict).
     """
     folder = Path(folder)

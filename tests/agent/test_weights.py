@@ -98,3 +98,16 @@ def test_committed_model_records_the_model_card_sha256():
     sha = record["files"]["model.safetensors"]["sha256"]
     assert f"`sha256sum <out>/model.safetensors` = `{sha}`" in card
     assert verify_weight_hashes(RELOOK_TINY_DIR) is True
+
+
+def test_every_relook_writer_records_the_hashes(policy, tmp_path):
+    from train.pretrain import _save_model
+
+    _save_model(policy, tmp_path / "pretrain")
+    assert verify_weight_hashes(tmp_path / "pretrain") is True
+    load_policy(tmp_path / "pretrain")
+    # a later save_pretrained without a new record is caught, not loaded as the old weights
+    policy.model.lm_head.weight.data += 1.0
+    policy.model.save_pretrained(tmp_path / "pretrain")
+    with pytest.raises(ValueError, match=r"damaged: sha256"):
+        load_policy(tmp_path / "pretrain")
