@@ -33,6 +33,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from agent.weights import load_weights, write_weight_hashes
+
 # Qwen2.5-VL's special tokens, in the order of the real vocabulary (ids 151643..).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -339,6 +341,7 @@ def build_tiny_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
+    write_weight_hashes(out)
     tokenizer.save_pretrained(out)
     build_image_processor(spec).save_pretrained(out)
     (out / "relook_tiny_spec.json").write_text(json.dumps({**asdict(spec), "seed": seed}, indent=1))
@@ -402,9 +405,19 @@ def resolve_model(model: str | Path) -> str:
 
 
 def load_policy(
-    path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> Policy:
     """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (or hub id) with ``from_pretrained``.
+
+    The weights must fit the model exactly (no missing or unexpected tensors,
+    :func:`agent.weights.load_weights`), and a folder written by relook, which records the sha256
+    of its weight files (:data:`agent.weights.WEIGHT_HASHES`), is checked against that record
+    first. Hashing reads the weights once more: milliseconds for relook-tiny (7.6 MB), about
+    20 s for a 15 GB 7B checkpoint (sha256 ran at 0.8 GB/s on one CPU core); ``verify=False``
+    skips it (file sizes are still checked).
 
     Args:
         path: local directory holding ``config.json``, weights, tokenizer and
@@ -412,6 +425,7 @@ def load_policy(
             ``"relook-tiny"`` for the committed default base model (:func:`resolve_model`).
         attn_implementation: ``"sdpa"`` or ``"eager"`` (any transformers attention backend).
         dtype: parameter dtype.
+        verify: check the weight files' sha256 against the folder's record when it has one.
 
     Returns:
         A :class:`Policy`.
@@ -419,7 +433,9 @@ def load_policy(
     Raises:
         FileNotFoundError: ``path`` is a local path that does not exist.
         ValueError: the directory lacks a readable config, weights, tokenizer or image processor,
-            or holds a model family relook has no support for; the message names the path.
+            or holds a model family relook has no support for, or its weights are damaged (sha256
+            differs from the record: the message names the file and both hashes) or miss or add
+            tensors (the message names them); the message names the path.
     """
     path = resolve_model(path)
     p = Path(path)
@@ -448,8 +464,12 @@ def load_policy(
         )
     stage = "weights"
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=dtype
+        model = load_weights(
+            AutoModelForImageTextToText,
+            path,
+            verify=verify,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
         )
         stage = "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(path)

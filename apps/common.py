@@ -172,7 +172,7 @@ def context() -> Context:
     """The context the main script stored for this rerun (pages call this first)."""
     ctx = st.session_state.get(CONTEXT_KEY)
     if ctx is None:  # a page script run on its own
-        st.error("Open the app with `streamlit run apps/relook_app.py`.")
+        st.error("Open the app with `relook-app` (or `python -m apps.launch`).")
         st.stop()
     return ctx
 

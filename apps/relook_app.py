@@ -3,9 +3,11 @@ or more run directories.
 
 Run it with::
 
-    streamlit run apps/relook_app.py -- --run runs/latest
+    relook-app --run runs/latest      # or: python -m apps.launch --run runs/latest
 
-(or set ``RELOOK_RUN``); it serves on 127.0.0.1 (``.streamlit/config.toml``). This script draws
+(or set ``RELOOK_RUN``); it serves on 127.0.0.1 with no usage statistics from any folder
+(:mod:`apps.launch`; a plain ``streamlit run`` honours ``.streamlit/config.toml`` only in the
+repository root, and the app warns when it finds itself exposed). This script draws
 the sidebar (run directory, runs to compare, arms) and hands over to the pages in
 ``apps/views/``. The app computes nothing itself: pages call :mod:`analysis` readers, reductions
 and pure figure builders, through the caches of :mod:`apps.common`.
@@ -25,7 +27,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts apps/ on sys.path, not the
     sys.path.insert(0, str(ROOT))
 
 from analysis import rundir  # noqa: E402
-from apps import common  # noqa: E402
+from apps import common, launch  # noqa: E402
 
 VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = [
@@ -57,9 +59,29 @@ def sidebar() -> common.Context:
     return replace(ctx, selected=selected)
 
 
+def exposure_check() -> None:
+    """Warn when the server is reachable from other machines or reports usage statistics.
+
+    The bind address is fixed before this script runs, so it can only be reported; usage
+    statistics are switched off here for every later message (the browser may already have
+    been told to send them once).
+    """
+    from streamlit import config
+
+    gather = bool(config.get_option("browser.gatherUsageStats"))
+    if gather:
+        config.set_option("browser.gatherUsageStats", False)
+    key = "relook_exposure_warning"
+    if key not in st.session_state:
+        st.session_state[key] = launch.exposure_warning(config.get_option("server.address"), gather)
+    if st.session_state[key]:
+        st.warning(st.session_state[key], icon=":material/public:")
+
+
 def main() -> None:
-    """Page config, sidebar, then the chosen page."""
+    """Page config, exposure check, sidebar, then the chosen page."""
     st.set_page_config(page_title="relook", layout="wide")
+    exposure_check()
     page = st.navigation(PAGES)
     st.session_state[common.CONTEXT_KEY] = sidebar()
     page.run()

@@ -54,6 +54,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from agent.weights import write_weight_hashes
 from analysis.rundir import atomic_write_json
 from experiments.grids import GRIDS, grid_arms
 from train.config import ArmConfig
@@ -248,6 +249,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     rundir.set_arm_stage(run, arm, "train")
     train(cfg, policy, on_step=on_step, progress=progress, checkpoint_dir=folder / "checkpoints")
     policy.model.save_pretrained(folder / "model")
+    write_weight_hashes(folder / "model")
     policy.tokenizer.save_pretrained(folder / "model")
     policy.image_processor.save_pretrained(folder / "model")
     # Evaluate on the held-out split (test backgrounds never seen in training)
@@ -347,6 +349,7 @@ def _base_model(run: Path, model: str, warmup_cfg, progress: bool = True) -> str
         policy = load_policy(base)
         losses = warmup(policy, warmup_cfg, progress=progress)
         policy.model.save_pretrained(base)
+        write_weight_hashes(base)
         record = {**asdict(warmup_cfg), "loss_first": losses[0], "loss_last": losses[-1]}
         atomic_write_json(base / "relook_warmup.json", record)
     return str(base)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,38 @@ class EvaluateArgs:
     max_total_tokens: int = 4096
 
 
+def check_out(out: Path) -> None:
+    """Fail fast on an ``--out`` that could never be written, before any model is loaded.
+
+    Raises:
+        ValueError: ``out`` is a directory, its folder is missing or lies under a regular file,
+            or a file cannot be created in that folder; the message names the path.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of a JSON file to write")
+    folder = out.parent
+    for above in (folder, *folder.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"--out {out} cannot be written: {above} is a file, not a folder")
+            break
+    if not folder.is_dir():
+        raise ValueError(f"--out {out} cannot be written: its folder {folder} does not exist")
+    try:  # a real probe: permission bits, read-only mounts, quotas
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be written in {folder}: {exc}") from exc
+
+
 def main(args: EvaluateArgs) -> dict:
-    """Run the evaluation and write ``args.out`` atomically; returns the summary dict."""
+    """Run the evaluation and write ``args.out`` atomically; returns the summary dict.
+
+    Raises:
+        ValueError: ``args.out`` cannot be written (:func:`check_out`, checked first), or
+            another argument is invalid.
+    """
+    check_out(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -112,8 +143,6 @@ def main(args: EvaluateArgs) -> dict:
 
 def _load_model(model: str):
     """``load_policy(model)``; ``random`` builds a random-weight tiny model (plumbing tests)."""
-    import tempfile
-
     from agent.modeling import build_tiny_model, load_policy
 
     if model != "random":

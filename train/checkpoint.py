@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from agent.weights import load_weights
 from train import dist
 
 MANIFEST = "manifest.json"
@@ -194,7 +195,8 @@ def load_checkpoint(folder: str | Path, model, verify: bool = True) -> dict[str,
             multi-GB checkpoint twice is pure cost).
 
     Raises:
-        ValueError: the checkpoint does not verify (the message names the file).
+        ValueError: the checkpoint does not verify (the message names the file), or its
+            weights miss or add tensors (:func:`agent.weights.load_weights`).
         RuntimeError: its weights do not fit ``model`` (``load_state_dict``, strict).
     """
     folder = Path(folder)
@@ -202,7 +204,7 @@ def load_checkpoint(folder: str | Path, model, verify: bool = True) -> dict[str,
     if problem is not None:
         raise ValueError(f"cannot resume from {folder}: {problem}")
     # from_pretrained applies the family's checkpoint key mapping that save_pretrained reversed
-    saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    saved = load_weights(type(model), folder, verify=False, dtype=next(model.parameters()).dtype)
     model.load_state_dict(saved.state_dict())
     return torch.load(folder / STATE, weights_only=False)
 

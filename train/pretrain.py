@@ -35,6 +35,7 @@ from agent.data.tasks import TaskConfig
 from agent.modeling import Policy, TinySpec, build_tiny_model, is_vision_parameter, load_policy
 from agent.rollout import Agent, AgentConfig, GenResult, rollout
 from agent.tools import ImageFrame
+from agent.weights import write_weight_hashes
 from train.batching import batch_inputs, batch_weights, batched_token_log_probs, loss_weights
 
 STAGE1_MIX = Mix(colour=1, shape=1, present=0.5, digit=0.5, label=0, locate=0, restate=0, format=0)
@@ -361,6 +362,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def _save_model(policy: Policy, folder: Path) -> None:
     policy.model.save_pretrained(folder)
+    write_weight_hashes(folder)
     policy.tokenizer.save_pretrained(folder)
     policy.image_processor.save_pretrained(folder)
 

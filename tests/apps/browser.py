@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from apps import launch
+
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "apps" / "relook_app.py"
 CHROMIUM = os.environ.get("RELOOK_CHROMIUM", "/usr/bin/chromium")
@@ -51,7 +53,7 @@ def _free_port() -> int:
 
 @contextmanager
 def serve(run: str | Path, log: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Start ``streamlit run apps/relook_app.py -- --run RUN`` on 127.0.0.1 and yield its URL
+    """Start the app as ``relook-app --run RUN`` does, on 127.0.0.1, and yield its URL
     once ``/_stcore/health`` answers; the server (our own child only) is stopped afterwards.
 
     Raises:
@@ -59,11 +61,8 @@ def serve(run: str | Path, log: Path, timeout: float = 90.0) -> Iterator[str]:
             holds the tail of its log).
     """
     port = _free_port()
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--", "--run", str(run),
-    ]  # fmt: skip
+    # the launcher's command: loopback and no usage statistics from any folder
+    cmd = launch.command(["--server.port", str(port), "--run", str(run)])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
