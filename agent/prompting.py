@@ -59,6 +59,12 @@ class ChatIds:
     vision_end: int
     image_pad: int
 
+    @property
+    def vision(self) -> tuple[int, int, int]:
+        """``(vision_start, vision_end, image_pad)``, as :func:`agent.trajectory.image_token_problem`
+        takes them."""
+        return self.vision_start, self.vision_end, self.image_pad
+
     @classmethod
     def from_tokenizer(cls, tokenizer) -> ChatIds:
         """Look the ids up; raises ``ValueError`` naming a token the tokenizer lacks."""

@@ -16,7 +16,7 @@ from agent.data.scoring import exact_match
 from agent.prompting import PromptBuilder
 from agent.reward import outcome_reward
 from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, run_tool
-from agent.trajectory import ImageRecord, Trajectory, TurnEvent
+from agent.trajectory import ImageRecord, Trajectory, TurnEvent, image_token_problem
 
 TOOL_SETS = {
     "none": (),
@@ -253,7 +253,17 @@ class Agent:
         return GenRequest(traj.token_ids, pv, grid, [r.image for r in traj.images])
 
     def step(self, ep: _Episode, result: GenResult, turn: int) -> None:
-        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2)."""
+        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2).
+
+        Never raises on what the policy wrote. A turn whose sampled ids break the image runs
+        (a sampled ``<|image_pad|>`` or ``<|vision_start|>``, which the next forward would fail
+        on) ends the episode unparsed, flagged ``bad_image_tokens``.
+
+        Args:
+            ep: the running episode (its trajectory is extended in place).
+            result: the sampled turn: ids, rollout log-probs (nats), whether it ended.
+            turn: 0-based turn index.
+        """
         traj, cfg = ep.traj, self.config
         start, end = traj.extend(result.token_ids, sampled=True, log_probs=result.log_probs)
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
@@ -266,6 +276,11 @@ class Agent:
             hit_length_limit=not result.finished,
         )
         traj.events.append(event)
+        grids = [r.grid_thw for r in traj.images]
+        if image_token_problem(traj.token_ids, grids, self.merge, self.prompts.ids.vision):
+            traj.flags["bad_image_tokens"] = True
+            ep.done = True
+            return
         call = TOOL_CALL_RE.search(text) if cfg.tool_names else None
         answer = ANSWER_RE.search(text)
         if call and (not answer or call.start() < answer.start()):
