@@ -86,7 +86,9 @@ def payloads(draw) -> str:
         k, *box = values
         if draw(st.booleans()):
             return f'{{"name": "reflect", "arguments": {{"images": [{k}]}}}}'
-        return f'{{"name": "confirm", "arguments": {{"image": {k}, "bbox_2d": [{", ".join(box)}]}}}}'
+        return (
+            f'{{"name": "confirm", "arguments": {{"image": {k}, "bbox_2d": [{", ".join(box)}]}}}}'
+        )
     if kind == 0:
         depth = draw(st.integers(1, 3000))
         return draw(st.sampled_from("[{")) * depth + draw(st.sampled_from(["", "]" * depth]))
@@ -115,7 +117,9 @@ def test_tool_parser_and_tools_never_raise(tier):
     @given(payloads())
     def check(payload):
         parsed = parse_tool_call(payload)
-        assert isinstance(parsed, str) or (isinstance(parsed[0], str) and isinstance(parsed[1], dict))
+        assert isinstance(parsed, str) or (
+            isinstance(parsed[0], str) and isinstance(parsed[1], dict)
+        )
         res = run_tool(payload, IMAGES, FRAME, ("reflect", "confirm"))
         if res.ok:
             assert res.images and all(im.image.width * im.image.height > 0 for im in res.images)
@@ -165,9 +169,7 @@ def tiny_agent():
     from agent.modeling import load_policy
 
     policy = load_policy("relook-tiny")
-    agent = Agent(
-        policy.tokenizer, policy.image_processor, AgentConfig(tools="both", max_images=6)
-    )
+    agent = Agent(policy.tokenizer, policy.image_processor, AgentConfig(tools="both", max_images=6))
     sample = Sample(
         id="fuzz-0", split="test", family="find", images=tuple(IMAGES), question="Which image?",
         answer="2", answer_type="index", target_image=2, target_bbox=(10, 10, 30, 30), meta={},
@@ -200,7 +202,10 @@ def _check_environment_ids(agent: Agent, traj, prompt_ids: list[int]) -> None:
         if e.obs_start is None:
             continue
         labels = [
-            (f"Image {traj.images[i].source} ({traj.images[i].origin})", traj.images[i].n_tokens(agent.merge))
+            (
+                f"Image {traj.images[i].source} ({traj.images[i].origin})",
+                traj.images[i].n_tokens(agent.merge),
+            )
             for i in e.images
         ]
         close = traj.token_ids[e.obs_start] == agent.prompts.ids.im_end
