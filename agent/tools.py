@@ -3,6 +3,10 @@
 A tool call is parsed from the policy's text; every failure (bad JSON, unknown tool, bad image
 index, bad box) is returned as data, a :class:`ToolResult` with ``ok=False`` and an
 ``Error: ...`` observation, never raised: a malformed call from the model is part of the episode.
+
+Model-written text is hostile (issue 16): the payload's size and bracket depth are checked
+before ``json.loads``, numbers are checked (exact type, finite, bounded) before any arithmetic,
+and model text quoted back in an error is cut to :data:`MAX_ECHO_CHARS`.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ class ToolResult:
     images: list[ToolImage] = field(default_factory=list)
 
 
-MAX_PAYLOAD_CHARS = 4096  # a real call is ~100 characters; longer text is refused unparsed
+# A real call is ~100 characters; longer text is refused unparsed. Below Python's 4,300-digit
+# int limit, so every parsed integer can still be printed and serialised with the trajectory.
+MAX_PAYLOAD_CHARS = 4096
 MAX_JSON_DEPTH = 8  # bracket nesting of a real call is 3; json.loads recurses per level
 MAX_ABS_COORD = 1e6  # pixels; bounds box arithmetic far below float overflow
 MAX_ECHO_CHARS = 64  # model-written text echoed in an error observation is cut to this
@@ -120,10 +126,10 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def _load_json(payload: str) -> object | str:
-    """``json.loads`` of a size- and depth-checked payload; an error message (``str``) on failure.
+def _load_json(payload: str) -> tuple[object] | str:
+    """``(json.loads(payload),)`` of a size- and depth-checked payload, else an error message.
 
-    JSON strings decode to ``str`` too, so callers tell errors apart by the returned tuple."""
+    The value comes in a 1-tuple because a JSON string decodes to a ``str`` too."""
     if len(payload) > MAX_PAYLOAD_CHARS:
         return f"tool call is longer than {MAX_PAYLOAD_CHARS} characters"
     if json_depth(payload) > MAX_JSON_DEPTH:

@@ -19,7 +19,9 @@ def loss_weights(traj: Trajectory, mask_tokens: bool, mask_trajectories: bool) -
     Level 1 (``mask_tokens``): weight 1 only where ``response_mask`` is 1 (tokens the policy
     sampled); with it off, every position after the prompt (observation text and tool images
     included) has weight 1. Level 2 (``mask_trajectories``): all zeros if the trajectory was
-    truncated, has a void turn, a failed call or went over the image budget.
+    truncated, has a void turn, a failed call, went over the image budget or holds image tokens
+    that do not match its images (:data:`agent.reward.MASK_FLAGS`). The last always zeroes the
+    weights, with the switch off too: such a row is forwarded blanked (:func:`batch_inputs`).
 
     Returns:
         ``[pos]`` float32 weights, aligned with ``traj.token_ids`` (position 0 always 0).
@@ -30,8 +32,8 @@ def loss_weights(traj: Trajectory, mask_tokens: bool, mask_trajectories: bool) -
     else:
         w = torch.zeros(n)
         w[traj.prompt_len :] = 1.0
-    if mask_trajectories and mask_reasons(traj.flags):
-        w.zero_()
+    if (mask_trajectories and mask_reasons(traj.flags)) or _bad(traj):
+        w.zero_()  # a bad_image_tokens row is forwarded blanked: never trained, switch or not
     w[0] = 0.0  # position 0 has no prediction
     return w
 

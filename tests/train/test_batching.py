@@ -45,6 +45,7 @@ def test_broken_trajectory_is_flagged_masked_and_forwarded_blank(policy):
     assert flag_bad_image_tokens([good, bad], vision, agent.merge) == 1
     assert bad.flags["bad_image_tokens"] and not good.flags["bad_image_tokens"]
     assert loss_weights(bad, True, True).sum() == 0 and loss_weights(good, True, True).sum() > 0
+    assert loss_weights(bad, False, False).sum() == 0  # whatever the mask switches
     inputs = batch_inputs([good, bad], pad, policy.tokenizer.pad_token_id)
     assert (inputs["input_ids"][1] == policy.tokenizer.pad_token_id).all()
     assert len(inputs["image_grid_thw"]) == len(good.images)  # the bad row adds no images
