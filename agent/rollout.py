@@ -16,7 +16,7 @@ from agent.data.scoring import exact_match
 from agent.prompting import PromptBuilder
 from agent.reward import outcome_reward
 from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, run_tool
-from agent.trajectory import ImageRecord, Trajectory, TurnEvent, image_token_problem
+from agent.trajectory import ImageRecord, Trajectory, TurnEvent
 
 TOOL_SETS = {
     "none": (),
@@ -218,6 +218,7 @@ class Agent:
         self.prompts = PromptBuilder(tokenizer, config.tool_names)
         self.frame = ImageFrame.from_processor(image_processor)
         self.merge = int(image_processor.merge_size)
+        self._vision = frozenset(self.prompts.ids.vision)  # ids that delimit or fill image runs
 
     def encode_image(self, record: ImageRecord) -> ImageRecord:
         """Run the image processor on ``record.image``; fills ``pixel_values`` and ``grid_thw``."""
@@ -276,9 +277,8 @@ class Agent:
             hit_length_limit=not result.finished,
         )
         traj.events.append(event)
-        grids = [r.grid_thw for r in traj.images]
-        if image_token_problem(traj.token_ids, grids, self.merge, self.prompts.ids.vision):
-            traj.flags["bad_image_tokens"] = True
+        if not self._vision.isdisjoint(result.token_ids):  # the environment's runs were whole
+            traj.flags["bad_image_tokens"] = True  # (agent.trajectory.image_token_problem)
             ep.done = True
             return
         call = TOOL_CALL_RE.search(text) if cfg.tool_names else None
