@@ -3,11 +3,17 @@
 Every piece is encoded separately and concatenated, so the boundaries of images, prompt and
 observations are exact and nothing is ever re-tokenised (DESIGN.md decision 2). Tool results go
 into a **user** turn: Qwen's chat templates drop images inside ``tool``-role messages.
+
+Only the template's own control tokens (``<|im_start|>``, ``<|im_end|>``, tags, the image runs)
+become special-token ids. Every other text (tool schemas, the question, observations, errors
+that echo model text) is encoded with special tokens disabled, so a model that writes the text
+``<|image_pad|>`` and has it echoed back gets ordinary tokens, not an image slot (issue 16).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from agent.tools import TOOL_SCHEMAS
@@ -17,6 +23,7 @@ FORMAT_WITH_TOOLS = (
     "Think step by step inside <think> </think>, then either call one tool inside "
     "<tool_call> </tool_call> or give the final answer inside <answer> </answer>."
 )
+SLOT = "\x00slot\x00"  # where PromptBuilder.encode_template puts untrusted text
 FORMAT_NO_TOOLS = "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
 
 
@@ -52,6 +59,12 @@ class ChatIds:
     vision_end: int
     image_pad: int
 
+    @property
+    def vision(self) -> tuple[int, int, int]:
+        """``(vision_start, vision_end, image_pad)``, as :func:`agent.trajectory.image_token_problem`
+        takes them."""
+        return self.vision_start, self.vision_end, self.image_pad
+
     @classmethod
     def from_tokenizer(cls, tokenizer) -> ChatIds:
         """Look the ids up; raises ``ValueError`` naming a token the tokenizer lacks."""
@@ -85,10 +98,53 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.tools = tools
         self.ids = ChatIds.from_tokenizer(tokenizer)
+        added = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len)
+        self._controls = re.compile("(" + "|".join(map(re.escape, reversed(added))) + ")")
 
     def encode(self, text: str) -> list[int]:
-        """Encode plain text (special tokens in it are recognised) without BOS/EOS."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Encode plain text with special tokens disabled (without BOS/EOS).
+
+        Args:
+            text: any text, model-written included.
+
+        Returns:
+            Ids in which special-token text such as ``<|image_pad|>`` is ordinary tokens
+            (``split_special_tokens``); for text without such substrings, the ids of a plain
+            ``encode``.
+        """
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+
+    def encode_template(self, template: str, *fills: str) -> list[int]:
+        """Encode ``template``: its added-token strings as their ids, the rest as plain text.
+
+        Each ``SLOT`` in ``template`` takes the next of ``fills`` (untrusted text) before
+        encoding, so a fill joins the text around it exactly as in one string, but any
+        special-token text in it stays ordinary tokens. The tokenizer splits at added tokens
+        anyway, so for fills without special-token text the ids equal ``tokenizer.encode`` of
+        the filled string.
+
+        Args:
+            template: relook's own text with its control tokens written out.
+            fills: one string per ``SLOT``, in order.
+
+        Returns:
+            Token ids.
+
+        Raises:
+            ValueError: the number of fills differs from the number of slots.
+        """
+        if template.count(SLOT) != len(fills):
+            raise ValueError(f"{template.count(SLOT)} slots but {len(fills)} fills")
+        rest = iter(fills)
+        ids: list[int] = []
+        for k, part in enumerate(self._controls.split(template)):
+            if k % 2:  # the split's captured group: a control token of the template
+                ids.append(self.tokenizer.convert_tokens_to_ids(part))
+            elif part:
+                ids += self.encode(re.sub(re.escape(SLOT), lambda _: next(rest), part))
+        return ids
 
     def image_ids(self, n_tokens: int) -> list[int]:
         """``<|vision_start|>`` + ``<|image_pad|>`` x ``n_tokens`` + ``<|vision_end|>``."""
@@ -102,30 +158,31 @@ class PromptBuilder:
         """Initial prompt: system turn, user turn ``Image k: <image>`` ..., question, format.
 
         Args:
-            question: the question text.
+            question: the question text (encoded with special tokens disabled).
             image_tokens: image tokens per input image (``t*h*w / merge**2``).
 
         Returns:
             Token ids ending with the ``<|im_start|>assistant\\n`` header.
         """
-        ids = self.encode(self.system_text() + "<|im_start|>user\n")
+        ids = self.encode_template(self.system_text() + "<|im_start|>user\n")
         for k, n in enumerate(image_tokens, start=1):
             ids += self.encode(f"Image {k}: ") + self.image_ids(n) + self.encode("\n")
         fmt = FORMAT_WITH_TOOLS if self.tools else FORMAT_NO_TOOLS
-        ids += self.encode(f"{question}\n{fmt}<|im_end|>\n<|im_start|>assistant\n")
-        return ids
+        tail = f"{SLOT}\n{fmt}<|im_end|>\n<|im_start|>assistant\n"
+        return ids + self.encode_template(tail, question)
 
     def observation(self, text: str, images: list[tuple[str, int]], close_turn: bool) -> list[int]:
         """A tool observation as a new user turn, then the next assistant header.
 
         Args:
-            text: observation text (``"Error: ..."`` for a failed call).
+            text: observation text (``"Error: ..."`` for a failed call); may echo model text,
+                so it is encoded with special tokens disabled.
             images: ``(label, n_tokens)`` per returned image.
             close_turn: also emit ``<|im_end|>`` first (the policy's turn was cut before it).
         """
-        head = ("<|im_end|>" if close_turn else "") + "\n<|im_start|>user\n<tool_response>\n" + text
-        ids = self.encode(head)
+        head = ("<|im_end|>" if close_turn else "") + "\n<|im_start|>user\n<tool_response>\n" + SLOT
+        ids = self.encode_template(head, text)
         for label, n in images:
             ids += self.encode(f"\n{label}: ") + self.image_ids(n)
-        ids += self.encode("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        ids += self.encode_template("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
         return ids

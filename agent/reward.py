@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 REWARD_FORMS = ("imagent", "deepeyes")
+MASK_FLAGS = ("truncated", "void_turn", "failed_call", "over_budget", "bad_image_tokens")
+"""Trajectory flags that zero a trajectory's loss weight (level-2 mask, METHOD.md 4)."""
 
 
 def outcome_reward(
@@ -35,6 +37,7 @@ def mask_reasons(flags: dict[str, bool]) -> list[str]:
     """Why a trajectory gets loss weight 0 under the trajectory-level mask (METHOD.md 4).
 
     A trajectory is masked when it was truncated without an answer, contains a void turn,
-    contains a failed tool call, or exceeded the image budget. Returns the flag names that hold.
+    contains a failed tool call, exceeded the image budget, or holds image tokens that do not
+    match its images (``bad_image_tokens``). Returns the flag names that hold.
     """
-    return [k for k in ("truncated", "void_turn", "failed_call", "over_budget") if flags.get(k)]
+    return [k for k in MASK_FLAGS if flags.get(k)]

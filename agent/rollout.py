@@ -218,6 +218,7 @@ class Agent:
         self.prompts = PromptBuilder(tokenizer, config.tool_names)
         self.frame = ImageFrame.from_processor(image_processor)
         self.merge = int(image_processor.merge_size)
+        self._vision = frozenset(self.prompts.ids.vision)  # ids that delimit or fill image runs
 
     def encode_image(self, record: ImageRecord) -> ImageRecord:
         """Run the image processor on ``record.image``; fills ``pixel_values`` and ``grid_thw``."""
@@ -253,7 +254,17 @@ class Agent:
         return GenRequest(traj.token_ids, pv, grid, [r.image for r in traj.images])
 
     def step(self, ep: _Episode, result: GenResult, turn: int) -> None:
-        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2)."""
+        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2).
+
+        Never raises on what the policy wrote. A turn whose sampled ids break the image runs
+        (a sampled ``<|image_pad|>`` or ``<|vision_start|>``, which the next forward would fail
+        on) ends the episode unparsed, flagged ``bad_image_tokens``.
+
+        Args:
+            ep: the running episode (its trajectory is extended in place).
+            result: the sampled turn: ids, rollout log-probs (nats), whether it ended.
+            turn: 0-based turn index.
+        """
         traj, cfg = ep.traj, self.config
         start, end = traj.extend(result.token_ids, sampled=True, log_probs=result.log_probs)
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
@@ -266,6 +277,10 @@ class Agent:
             hit_length_limit=not result.finished,
         )
         traj.events.append(event)
+        if not self._vision.isdisjoint(result.token_ids):  # the environment's runs were whole
+            traj.flags["bad_image_tokens"] = True  # (agent.trajectory.image_token_problem)
+            ep.done = True
+            return
         call = TOOL_CALL_RE.search(text) if cfg.tool_names else None
         answer = ANSWER_RE.search(text)
         if call and (not answer or call.start() < answer.start()):

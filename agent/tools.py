@@ -3,6 +3,10 @@
 A tool call is parsed from the policy's text; every failure (bad JSON, unknown tool, bad image
 index, bad box) is returned as data, a :class:`ToolResult` with ``ok=False`` and an
 ``Error: ...`` observation, never raised: a malformed call from the model is part of the episode.
+
+Model-written text is hostile (issue 16): the payload's size and bracket depth are checked
+before ``json.loads``, numbers are checked (exact type, finite, bounded) before any arithmetic,
+and model text quoted back in an error is cut to :data:`MAX_ECHO_CHARS`.
 """
 
 from __future__ import annotations
@@ -69,20 +73,90 @@ class ToolResult:
     images: list[ToolImage] = field(default_factory=list)
 
 
+# A real call is ~100 characters; longer text is refused unparsed. Below Python's 4,300-digit
+# int limit, so every parsed integer can still be printed and serialised with the trajectory.
+MAX_PAYLOAD_CHARS = 4096
+MAX_JSON_DEPTH = 8  # bracket nesting of a real call is 3; json.loads recurses per level
+MAX_ABS_COORD = 1e6  # pixels; bounds box arithmetic far below float overflow
+MAX_ECHO_CHARS = 64  # model-written text echoed in an error observation is cut to this
+
+
 def _error(name: str, arguments: dict, message: str) -> ToolResult:
     return ToolResult(name=name, arguments=arguments, ok=False, text=f"Error: {message}")
 
 
+def echo(text: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """Model-written ``text`` as it may be quoted in an observation: at most ``limit`` characters.
+
+    Args:
+        text: a model-written string (any other value is shown by its type name: the ``str``
+            of a 5,000-digit integer raises).
+        limit: most characters kept; longer text ends in ``"..."``.
+
+    Returns:
+        The (cut) text. Special-token text such as ``<|image_pad|>`` is left as is: the prompt
+        builder encodes environment text with special tokens disabled (agent/prompting.py).
+    """
+    s = text if isinstance(text, str) else type(text).__name__
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket (``[`` / ``{``) nesting of ``text``, brackets inside JSON strings ignored.
+
+    A linear scan, so it bounds the recursion ``json.loads`` would do before it runs.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _load_json(payload: str) -> tuple[object] | str:
+    """``(json.loads(payload),)`` of a size- and depth-checked payload, else an error message.
+
+    The value comes in a 1-tuple because a JSON string decodes to a ``str`` too."""
+    if len(payload) > MAX_PAYLOAD_CHARS:
+        return f"tool call is longer than {MAX_PAYLOAD_CHARS} characters"
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        return f"tool call nests brackets deeper than {MAX_JSON_DEPTH}"
+    try:
+        return (json.loads(payload),)
+    except (ValueError, RecursionError, OverflowError) as exc:  # JSONDecodeError is a ValueError
+        return f"tool call is not valid JSON ({echo(str(exc))})"
+
+
 def parse_tool_call(payload: str) -> tuple[str, dict] | str:
-    """Parse the JSON inside ``<tool_call>...</tool_call>``.
+    """Parse the JSON inside ``<tool_call>...</tool_call>``; never raises.
+
+    The payload is refused before parsing when longer than :data:`MAX_PAYLOAD_CHARS` or nested
+    deeper than :data:`MAX_JSON_DEPTH`; JSON errors of any kind (bad syntax, integers over
+    Python's 4,300-digit limit, recursion) become messages.
+
+    Args:
+        payload: the model-written text between the tags.
 
     Returns:
         ``(name, arguments)`` on success, else an error message (a ``str``).
     """
-    try:
-        obj = json.loads(payload.strip())
-    except (json.JSONDecodeError, ValueError) as exc:
-        return f"tool call is not valid JSON ({exc.msg})"
+    loaded = _load_json(payload.strip())
+    if isinstance(loaded, str):
+        return loaded
+    (obj,) = loaded
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return 'tool call must be a JSON object with a "name" string'
     args = obj.get("arguments", {})
@@ -145,16 +219,31 @@ class ImageFrame:
         )
 
 
+MAX_INDEX = 10**6  # image numbers beyond this are refused before any formatting or arithmetic
+
+
+def is_index(value: object) -> bool:
+    """Whether ``value`` is a JSON integer usable as an image number: exact type ``int`` (not
+    ``bool`` or ``float``) with ``|value| <= MAX_INDEX``."""
+    return type(value) is int and -MAX_INDEX <= value <= MAX_INDEX
+
+
+def is_coordinate(value: object) -> bool:
+    """Whether ``value`` is a usable box coordinate: exact type ``int`` or ``float``, finite
+    (no NaN / Infinity, which JSON parsing accepts) and ``|value| <= MAX_ABS_COORD`` pixels.
+
+    Checked before ``float()``: an integer with hundreds of digits overflows it."""
+    if type(value) is int:
+        return -MAX_ABS_COORD <= value <= MAX_ABS_COORD
+    return type(value) is float and math.isfinite(value) and abs(value) <= MAX_ABS_COORD
+
+
 def reflect(arguments: dict, images: list[Image.Image]) -> ToolResult:
     """Visual reflection: return the listed input images again (1-based; default all)."""
     idx = arguments.get("images", list(range(1, len(images) + 1)))
-    if isinstance(idx, int):
+    if is_index(idx):
         idx = [idx]
-    if (
-        not isinstance(idx, list)
-        or not idx
-        or not all(isinstance(k, int) and not isinstance(k, bool) for k in idx)
-    ):
+    if not isinstance(idx, list) or not idx or not all(is_index(k) for k in idx):
         return _error("reflect", arguments, '"images" must be a non-empty list of image numbers')
     bad = [k for k in idx if not 1 <= k <= len(images)]
     if bad:
@@ -165,12 +254,11 @@ def reflect(arguments: dict, images: list[Image.Image]) -> ToolResult:
 
 
 def _check_box(box: object, frame_w: int, frame_h: int) -> tuple[float, float, float, float] | str:
-    if (
-        not isinstance(box, list)
-        or len(box) != 4
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-    ):
-        return '"bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2]'
+    if not isinstance(box, list) or len(box) != 4 or not all(is_coordinate(v) for v in box):
+        return (
+            '"bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2] '
+            f"(finite, |value| <= {MAX_ABS_COORD:g} px)"
+        )
     x1, y1, x2, y2 = (float(v) for v in box)
     if x2 <= x1 or y2 <= y1:
         return f"box {box} is empty or inverted (need x1 < x2 and y1 < y2)"
@@ -191,7 +279,7 @@ def confirm(arguments: dict, images: list[Image.Image], frame: ImageFrame) -> To
     cropped from the original, and enlarged to fill ``frame.max_pixels``.
     """
     k = arguments.get("image")
-    if not isinstance(k, int) or isinstance(k, bool):
+    if not is_index(k):
         return _error("confirm", arguments, '"image" must be an image number')
     if not 1 <= k <= len(images):
         return _error("confirm", arguments, f"image {k} is out of range 1..{len(images)}")
@@ -231,9 +319,8 @@ def run_tool(
         return _error("?", {}, parsed)
     name, args = parsed
     if name not in enabled:
-        return _error(
-            name, args, f"unknown tool '{name}'; available: {', '.join(enabled) or 'none'}"
-        )
+        available = ", ".join(enabled) or "none"
+        return _error(echo(name), args, f"unknown tool '{echo(name)}'; available: {available}")
     if name == "reflect":
         return reflect(args, images)
     return confirm(args, images, frame)

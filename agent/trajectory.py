@@ -75,7 +75,53 @@ class TurnEvent:
     hit_length_limit: bool = False
 
 
-FLAG_NAMES = ("truncated", "void_turn", "failed_call", "over_budget")
+FLAG_NAMES = ("truncated", "void_turn", "failed_call", "over_budget", "bad_image_tokens")
+
+
+def image_token_problem(
+    token_ids: list[int],
+    grids: list[tuple[int, int, int]],
+    merge_size: int,
+    vision_ids: tuple[int, int, int],
+) -> str | None:
+    """Why the image runs of ``token_ids`` do not match the image grids, or None when they do.
+
+    Qwen2-VL's forward needs exactly one ``<|vision_start|>`` + ``<|image_pad|>`` x
+    ``t*h*w / merge**2`` + ``<|vision_end|>`` run per image, in order; a stray pad or vision
+    token (e.g. sampled by the policy) makes it raise. A linear scan, no tensors.
+
+    Args:
+        token_ids: ``[pos]`` the sequence.
+        grids: ``[image]`` ``(t, h, w)`` patch grid of each image, in order of appearance.
+        merge_size: the vision merger's spatial merge (2 for Qwen2.5-VL).
+        vision_ids: ids of ``(<|vision_start|>, <|vision_end|>, <|image_pad|>)``.
+
+    Returns:
+        A short reason (``str``), or None.
+    """
+    start, end, pad = vision_ids
+    runs: list[int] = []
+    open_run = False
+    for tid in token_ids:
+        if tid == start:
+            if open_run:
+                return "nested <|vision_start|>"
+            open_run = True
+            runs.append(0)
+        elif tid == pad:
+            if not open_run:
+                return "<|image_pad|> outside an image run"
+            runs[-1] += 1
+        elif tid == end:
+            if not open_run:
+                return "<|vision_end|> without <|vision_start|>"
+            open_run = False
+        elif open_run:
+            return "an image run holds a non-pad token"
+    expected = [t * h * w // (merge_size * merge_size) for t, h, w in grids]
+    if open_run or runs != expected:
+        return f"image runs of {runs} pads, grids need {expected}"
+    return None
 
 
 @dataclass
@@ -94,7 +140,8 @@ class Trajectory:
         events: one per assistant turn.
         answer: the final ``<answer>`` text, if any.
         flags: ``truncated`` (ended without answer: turn/context limit), ``void_turn``,
-            ``failed_call``, ``over_budget`` (image budget).
+            ``failed_call``, ``over_budget`` (image budget), ``bad_image_tokens`` (image runs
+            that do not match the images, :func:`image_token_problem`: never forwarded).
         reward, acc, fmt, used: outcome reward terms (METHOD.md 5).
         group: index of the GRPO group (prompt) it belongs to.
     """

@@ -44,7 +44,7 @@ class GRPOConfig:
         mask_tokens: level-1 mask: weight only policy-sampled tokens (off: every token after
             the prompt, environment text and tool images included).
         mask_trajectories: level-2 mask: zero weight for truncated, void-turn, failed-call and
-            over-budget trajectories.
+            over-budget trajectories (``bad_image_tokens`` ones get zero weight either way).
         tool_gain: reward gain g for successful tool use (0 turns the gain off).
         reward_form: ``imagent`` (``acc * (1 + g * used) + 0.2 * fmt``) or ``deepeyes``.
         seed: seed of sampling, data order and initialisation of the trainer state.

@@ -35,7 +35,13 @@ from agent.data.tasks import TaskConfig, generate_one
 from agent.modeling import Policy, is_vision_parameter
 from agent.rollout import Agent, Generator, HFGenerator, rollout
 from train import dist
-from train.batching import batch_inputs, batched_token_log_probs, loss_weights, pad_right
+from train.batching import (
+    batch_inputs,
+    batched_token_log_probs,
+    flag_bad_image_tokens,
+    loss_weights,
+    pad_right,
+)
 from train.checkpoint import (
     STATE,
     latest_checkpoint,
@@ -158,6 +164,7 @@ def train(
         ]
         policy_now = engine.full_model().eval()
         trajs = _rollout(agent, generator, samples, groups, g, step)
+        flag_bad_image_tokens(trajs, agent.prompts.ids.vision, agent.merge)  # before any forward
         if isinstance(generator, VLLMGenerator):
             generator.sleep()  # colocated: the GPU goes to the old-log-prob pass and the update
         t_gen = time.perf_counter()
@@ -340,11 +347,14 @@ def _on_policy(g: GRPOConfig) -> bool:
 
 
 def _logprob_gap(trajs, old_lp) -> float:
-    """Mean |rollout - trainer| log-prob (nats) over sampled tokens (of every rank). The
+    """Mean |rollout - trainer| log-prob (nats) over sampled tokens (of every rank; trajectories
+    flagged ``bad_image_tokens`` left out, their forward was blanked). The
     trainer's are the old log-probs: the no-grad pass, or the on-policy update's forward
     (:func:`_on_policy`; before the optimizer step, so of the same weights)."""
-    diffs = []
+    diffs = [torch.zeros(0)]
     for t, lp in zip(trajs, old_lp):
+        if t.flags.get("bad_image_tokens"):  # forwarded blanked (train.batching.batch_inputs)
+            continue
         m = torch.tensor(t.response_mask, dtype=torch.bool)
         diffs.append((torch.tensor(t.rollout_log_probs)[m] - lp[m]).abs())
     d = torch.cat(diffs)

@@ -223,8 +223,10 @@ def judge_mantis(prediction: str | None, item: BenchmarkItem) -> Judgement:
     if prediction is None:
         return None, False
     raw = prediction
-    low = raw.lower()
-    answer = raw[low.index("final answer:") + 13 :].strip() if "final answer:" in low else raw
+    # searched in ``raw`` itself: ``lower()`` can change a string's length ("\u0130"), which
+    # would shift an index taken from the lowered copy
+    marker = re.search("final answer:", raw, flags=re.IGNORECASE)
+    answer = raw[marker.end() :].strip() if marker else raw
     if item.kind == "short":
         return answer, answer.lower() == item.answer.lower()
     option = _mantis_option(answer)

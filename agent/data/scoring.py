@@ -26,13 +26,28 @@ _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _ORDINAL_SUFFIX = re.compile(r"^(\d+)(st|nd|rd|th)$")
 
 
+MAX_DIGITS = 18
+"""Longest number (leading zeros aside) an answer may name; longer ones name no number (Python
+refuses ``int`` of over 4,300 digits, and no relook answer is near 10**18)."""
+
+
+def _integer(digits: str) -> int | None:
+    """``int(digits)`` of a string of decimal digits, or None when it is too long."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= MAX_DIGITS else None
+
+
 def _number(token: str) -> int | None:
-    """The integer a single lowercase token names ("3", "three", "third", "3rd"), else None."""
-    if token.isdigit():
-        return int(token)
+    """The integer a single lowercase token names ("3", "three", "third", "3rd"), else None.
+
+    Digits are decimal digits (``str.isdecimal``, which ``int`` accepts): ``"²"`` is a digit to
+    ``str.isdigit`` but not to ``int``, so it names no number. Never raises.
+    """
+    if token.isdecimal():
+        return _integer(token)
     match = _ORDINAL_SUFFIX.match(token)
     if match:
-        return int(match.group(1))
+        return _integer(match.group(1))
     return NUMBER_WORDS.get(token, ORDINAL_WORDS.get(token))
 
 
@@ -41,7 +56,9 @@ def normalize_answer(text: str | None, answer_type: str) -> str | None:
 
     Lowercases, turns punctuation into spaces, then for numeric types finds the numbers the text
     names (digits, number words, ordinals). Exactly one distinct number is required; punctuation
-    splits tokens, so "3.5" names two numbers and is rejected.
+    splits tokens, so "3.5" names two numbers and is rejected. Never raises on any ``text``
+    (superscripts, numbers over :data:`MAX_DIGITS` digits and control characters name no
+    number).
 
     Args:
         text: Raw answer text (may be None).
