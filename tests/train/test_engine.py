@@ -97,7 +97,13 @@ def test_torch_engine_rows_equal_the_pre_engine_loop(name, tiny_dir):
     recorded in golden_loop_rows.json. Bit-identical rows are only expected under a version set
     listed in its ``verified_with`` (each one checked by running this comparison); the CPU setup
     pins torch and transformers to one of them, so CI always runs it. Another set skips, naming
-    both, rather than failing on numerics an upstream release may legitimately change."""
+    both, rather than failing on numerics an upstream release may legitimately change.
+
+    One key is compared to 1e-7 instead of exactly: ``rollout/logprob_gap``, the mean difference
+    between ``generate``'s rollout log-probs and the trainer's recomputed ones. On an AVX-512
+    machine (2026-12-04) it moved by up to 3.5e-8 from the rows recorded on an AVX2 machine,
+    while every loss, reward, mask, KL and gradient-norm value stayed bit-identical: the gap
+    subtracts two float32 paths whose CPU kernels differ with the SIMD width."""
     golden = json.loads(GOLDEN.read_text())
     weights = hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()
     versions = {
@@ -106,8 +112,14 @@ def test_torch_engine_rows_equal_the_pre_engine_loop(name, tiny_dir):
     }  # fmt: skip
     if versions not in golden["verified_with"]:
         pytest.skip(f"golden rows verified with {golden['verified_with']}, running {versions}")
-    rows = train(GOLDEN_CONFIGS[name], load_policy(tiny_dir), progress=False)
-    assert _comparable(rows) == golden["rows"][name]
+    rows = _comparable(train(GOLDEN_CONFIGS[name], load_policy(tiny_dir), progress=False))
+    want = golden["rows"][name]
+    assert [r.keys() for r in rows] == [w.keys() for w in want]
+    gap = "rollout/logprob_gap"
+    for got, w in zip(rows, want):
+        assert abs(got[gap] - w[gap]) <= 1e-7, f"step {w['step']} {gap}: {got[gap]!r} vs {w[gap]!r}"
+    strip = [{k: v for k, v in r.items() if k != gap} for r in rows]
+    assert strip == [{k: v for k, v in w.items() if k != gap} for w in want]
 
 
 @pytest.fixture(scope="module")
