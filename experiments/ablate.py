@@ -466,7 +466,8 @@ def check_args(args: AblateArgs) -> None:
     """Reject impossible options before any work and before a run directory is made.
 
     Raises:
-        ValueError: ``--workers`` < 1, no or negative ``--seeds``, or negative ``--steps``.
+        ValueError: ``--workers`` < 1, or no or negative ``--seeds`` (``--steps`` < 0 is
+            refused by the grid's :class:`GRPOConfig`).
         RunDirError: ``--out`` cannot be this grid's run directory
             (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
             another grid, not writable).
@@ -477,8 +478,6 @@ def check_args(args: AblateArgs) -> None:
         raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
     if not args.seeds or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0 (0 keeps the grid's), got {args.steps}")
     rundir.check_run_root(args.out, args.grid)
 
 

@@ -26,7 +26,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
 
 
-def _ablate(out: Path, *extra: str, **kw) -> list[str]:
+def _ablate(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "experiments.ablate", *GRID, "--out", str(out), *extra]
 
 
@@ -125,8 +125,9 @@ def test_a_lock_of_a_dead_process_is_taken_over(tmp_path):
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == b"1"
-        with pytest.raises(rundir.RunDirError, match=f"by pid {holder.pid} on "), rundir.lock_run(
-            run
+        with (
+            pytest.raises(rundir.RunDirError, match=f"by pid {holder.pid} on "),
+            rundir.lock_run(run),
         ):
             pass
     finally:
@@ -135,3 +136,46 @@ def test_a_lock_of_a_dead_process_is_taken_over(tmp_path):
     with rundir.lock_run(run):
         owner = json.loads((run / rundir.LOCK_OWNER).read_text())
     assert owner["pid"] == os.getpid() and (run / rundir.LOCK).is_file()
+
+
+_POOL = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from experiments import launch
+
+
+def init(parent, interval_s, use_prctl):
+    if not use_prctl:
+        launch.PR_SET_PDEATHSIG = 0  # an invalid option: prctl fails, the watchdog alone acts
+    launch.die_with_parent(parent, interval_s)
+
+
+if __name__ == "__main__":
+    args = (os.getpid(), float(sys.argv[2]), sys.argv[1] == "1")
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=init, initargs=args)
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc")
+@pytest.mark.parametrize(("use_prctl", "interval_s"), [(True, 600.0), (False, 0.2)])
+def test_pool_workers_die_with_a_sigkilled_parent(tmp_path, use_prctl, interval_s):
+    """Either mechanism alone ends a worker whose lead was SIGKILLed: ``PR_SET_PDEATHSIG``
+    (the watchdog set to sleep 10 minutes) and the ``getppid`` watchdog (prctl disabled)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL)
+    argv = [sys.executable, str(script), str(int(use_prctl)), str(interval_s)]
+    lead, worker = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE), 0
+    try:
+        worker = int(lead.stdout.readline())
+        assert _alive(worker)
+        lead.send_signal(signal.SIGKILL)
+        lead.wait(timeout=10)
+        assert _wait_for(lambda: not _alive(worker), 5)
+    finally:
+        lead.kill()
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
