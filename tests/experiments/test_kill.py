@@ -179,3 +179,27 @@ def test_pool_workers_die_with_a_sigkilled_parent(tmp_path, use_prctl, interval_
         lead.kill()
         if worker and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_sigterm_marks_the_run_interrupted_and_stops_the_pool(tmp_path):
+    """SIGTERM is handled like Ctrl-C: exit 143, running arms failed ("interrupted"), the run
+    incomplete, the pool's workers killed, the lock free for the rerun."""
+    run = tmp_path / "r"
+    lead = subprocess.Popen(_ablate(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert _wait_for(lambda: _running_arms(run), 120)
+        workers = _descendants(lead.pid)
+        lead.send_signal(signal.SIGTERM)
+        _, err = lead.communicate(timeout=30)
+    finally:
+        lead.kill()
+    assert lead.returncode == 143, err[-2000:]
+    assert "interrupted:" in err and "marked incomplete" in err
+    assert _wait_for(lambda: not any(_alive(p) for p in workers), 10)
+    manifest = rundir.load_manifest(run)
+    assert manifest["status"] == "incomplete" and manifest["events"][-1]["event"] == "interrupted"
+    arms = rundir.list_arms(run)
+    assert not arms["status"].eq("running").any() and arms["status"].eq("failed").any()
+    with rundir.lock_run(run):
+        pass
