@@ -46,7 +46,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -485,14 +484,6 @@ def _default_out(grid: str) -> Path:
     return Path("runs") / f"ablate-{grid}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP) received: handled like Ctrl-C, arms and run marked interrupted."""
-
-
-def _terminate(signum: int, frame) -> None:
-    raise Terminated(signal.Signals(signum).name)
-
-
 def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
     """Rank 0 (or the only process): lock, create or resume the run directory, run the arms."""
     if args.model != RANDOM_MODEL:
@@ -500,6 +491,7 @@ def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
 
         load_policy(args.model)  # fail early, naming the directory, before anything is written
     from analysis import rundir
+    from experiments.launch import sigterm_as_interrupt
 
     with rundir.lock_run(args.out) as run:  # a second ablate on this folder is refused
         _recover_stale(run)
@@ -507,12 +499,8 @@ def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
             run, args.grid, [c.name for c in configs], list(args.seeds), _versions()
         )
         _link_latest(run)
-        handlers = _on_signals(_terminate) if _in_main_thread() else {}
-        try:
+        with sigterm_as_interrupt():
             return _lead_run(run, configs, args)
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
 
 
 def _recover_stale(run: Path) -> None:
@@ -531,19 +519,6 @@ def _recover_stale(run: Path) -> None:
               "run incomplete")  # fmt: skip
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _on_signals(handler) -> dict:
-    """Install ``handler`` for SIGTERM and SIGHUP (unless ignored, as under ``nohup``);
-    returns the handlers it replaced."""
-    signums = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
-    return {s: signal.signal(s, handler) for s in signums}
-
-
 def _lead_run(run: Path, configs: list[ArmConfig], args: AblateArgs) -> Path:
     from analysis import rundir
     from train import dist
@@ -559,10 +534,10 @@ def _lead_run(run: Path, configs: list[ArmConfig], args: AblateArgs) -> Path:
             dist.broadcast_object((run, base, [c.name for c in todo]))
         _run_all(run, todo, base, args)
         dist.barrier()
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (launch.Terminated)
         flipped = rundir.mark_interrupted(run)
         print(f"\ninterrupted: {run} marked incomplete (arms {flipped})", file=sys.stderr)
-        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     except Exception:
         rundir.mark_interrupted(run)  # never leave a run looking as if it were still going
         raise

@@ -32,8 +32,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,34 @@ def stop_executor(executor: Executor | None, kill: bool = False) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.join(timeout=5)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP received (:func:`sigterm_as_interrupt`): handled like Ctrl-C, arms
+    and run marked interrupted; ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within this context SIGTERM and SIGHUP raise :class:`Terminated` (a
+    ``KeyboardInterrupt``) in the main thread, so that the lead marks its arms failed and
+    stops the pool instead of dying silently. Signals that are ignored (``nohup``) stay
+    ignored; outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    old = {s: signal.signal(s, _raise_terminated) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
