@@ -76,9 +76,8 @@ def _metrics(run: Path) -> pd.DataFrame:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigkilled_grid_leaves_no_workers_and_resumes_to_an_uninterrupted_run(tmp_path):
-    run = tmp_path / "killed"
-    lead = subprocess.Popen(_ablate(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    run, log = tmp_path / "killed", (tmp_path / "lead.log").open("w")  # a pipe could fill up
+    lead = subprocess.Popen(_ablate(run), cwd=REPO, env=_env(), stdout=log, stderr=log)
     try:
         assert _wait_for(lambda: (run / rundir.LOCK_OWNER).is_file(), 120)
         # a second command on the same folder while the first lives: refused, nothing touched
@@ -87,13 +86,14 @@ def test_sigkilled_grid_leaves_no_workers_and_resumes_to_an_uninterrupted_run(tm
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"locked ({run / rundir.LOCK}) by pid {lead.pid}" in second.stderr
         assert "Traceback" not in second.stderr
-        assert _wait_for(lambda: _running_arms(run), 120), lead.stderr
+        assert _wait_for(lambda: _running_arms(run), 120), (tmp_path / "lead.log").read_text()
         workers = _descendants(lead.pid)
         running = _running_arms(run)
         lead.send_signal(signal.SIGKILL)
         lead.wait(timeout=10)
     finally:
         lead.kill()
+        log.close()
     assert running and len(workers) >= 2  # the pool's arm processes (and multiprocessing's tracker)
     assert _wait_for(lambda: not any(_alive(p) for p in workers), 10), [
         p for p in workers if _alive(p)
@@ -184,16 +184,17 @@ def test_pool_workers_die_with_a_sigkilled_parent(tmp_path, use_prctl, interval_
 def test_sigterm_marks_the_run_interrupted_and_stops_the_pool(tmp_path):
     """SIGTERM is handled like Ctrl-C: exit 143, running arms failed ("interrupted"), the run
     incomplete, the pool's workers killed, the lock free for the rerun."""
-    run = tmp_path / "r"
-    lead = subprocess.Popen(_ablate(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run, log = tmp_path / "r", (tmp_path / "lead.log").open("w")
+    lead = subprocess.Popen(_ablate(run), cwd=REPO, env=_env(), stdout=log, stderr=log)
     try:
         assert _wait_for(lambda: _running_arms(run), 120)
         workers = _descendants(lead.pid)
         lead.send_signal(signal.SIGTERM)
-        _, err = lead.communicate(timeout=30)
+        lead.wait(timeout=30)
     finally:
         lead.kill()
+        log.close()
+    err = (tmp_path / "lead.log").read_text()
     assert lead.returncode == 143, err[-2000:]
     assert "interrupted:" in err and "marked incomplete" in err
     assert _wait_for(lambda: not any(_alive(p) for p in workers), 10)
