@@ -3,7 +3,9 @@
 Layout (DESIGN.md decision 5)::
 
     RUN/
-      manifest.json              relook_version, created, grid, arms, seeds, versions, status
+      manifest.json              relook_version, created, grid, arms, seeds, versions, status,
+                                 events (interrupted / resumed / finished, with times)
+      .lock, .lock.owner.json    the writer's lock (flock) and its owner: pid, host, started
       ARM/                       one folder per arm, e.g. "full-s0", "tools_none-s1"
         config.json              resolved config of the arm
         status.json              status, started, finished, error, stage
@@ -16,6 +18,8 @@ Layout (DESIGN.md decision 5)::
 Every write is atomic (temp file in the same folder, fsync, ``os.replace``): a reader never sees a
 half-written file under its final name. Readers raise :class:`RunDirError` naming the path and
 the problem; readers of optional files return an empty frame with the right columns.
+One process at a time writes a run directory: :func:`lock_run` holds an exclusive ``flock`` on
+``RUN/.lock`` that the kernel releases when the holder dies, however it dies.
 
 The attention metrics over these tables live in :mod:`analysis.metrics`.
 """
@@ -27,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -44,6 +50,8 @@ EVAL = "eval.json"
 TRAJECTORIES = "trajectories.jsonl"
 ATTENTION = "attention.parquet"
 EVENTS = "attention_events.parquet"
+LOCK = ".lock"
+LOCK_OWNER = ".lock.owner.json"
 
 # Column -> dtype of the attention tables: readers check the names, empty frames use the dtypes.
 ATTENTION_COLUMNS: dict[str, str] = dict(
@@ -135,33 +143,19 @@ def _check_arm(arm: str) -> None:
         raise ValueError(f"bad arm name {arm!r}: use letters, digits and _ . = + - only")
 
 
-def create_run(
-    root: str | Path, grid: str, arms: Sequence[str], seeds: Sequence[int], versions: dict[str, str]
-) -> Path:
-    """Create (or reopen, to resume) a run directory and write its manifest with status "running".
-
-    Args:
-        root: the run folder, created if missing. An existing run directory of the same grid
-            is reopened to resume (arms and seeds merged, ``created`` kept, ``resumed`` set).
-        grid: name of the ablation grid. arms: e.g. ["full-s0", "tools_none-s0"].
-        seeds: the grid's seeds. versions: e.g. {"python": "3.12.3", "torch": "2.13.0"}.
-
-    Returns:
-        The run folder.
+def check_run_root(root: str | Path, grid: str) -> None:
+    """Check that ``root`` can become (or already is) a run directory of ``grid``; writes nothing.
 
     Raises:
-        RunDirError: ``root`` is a file, a non-empty non-run folder, or a run of another grid.
+        RunDirError: ``root`` is a file, lies under a file, is a non-empty folder without a
+            manifest, holds a run of another grid, or its nearest existing folder is not
+            writable (the check creates and removes a temp file there: permission bits say
+            nothing for root).
     """
     root = Path(root)
-    for arm in arms:
-        _check_arm(arm)
     if root.exists() and not root.is_dir():
         raise RunDirError(f"{root}: exists and is not a folder")
-    manifest = dict(
-        relook_version=relook_version(), created=utc_now(), grid=grid, arms=list(arms),
-        seeds=[int(s) for s in seeds], versions=dict(versions), status="running",
-    )  # fmt: skip
-    if root.is_dir() and any(root.iterdir()):
+    if root.is_dir() and set(os.listdir(root)) - {LOCK, LOCK_OWNER}:
         if not (root / MANIFEST).is_file():
             raise RunDirError(
                 f"{root}: folder is not empty and has no {MANIFEST}; refusing to write a run "
@@ -170,13 +164,87 @@ def create_run(
         old = load_manifest(root)
         if old.get("grid") != grid:
             raise RunDirError(f"{root}: holds grid {old.get('grid')!r}, not {grid!r}")
+    folder = root.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RunDirError(f"{root}: cannot be created, {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise RunDirError(f"{root}: cannot write in {folder} ({e.strerror or e})") from e
+
+
+def create_run(
+    root: str | Path, grid: str, arms: Sequence[str], seeds: Sequence[int], versions: dict[str, str]
+) -> Path:
+    """Create (or reopen, to resume) a run directory and write its manifest with status "running".
+
+    Args:
+        root: the run folder, created if missing. An existing run directory of the same grid
+            is reopened to resume (arms and seeds merged, ``created`` and ``events`` kept,
+            ``resumed`` set and a "resumed" event added).
+        grid: name of the ablation grid. arms: e.g. ["full-s0", "tools_none-s0"].
+        seeds: the grid's seeds. versions: e.g. {"python": "3.12.3", "torch": "2.13.0"}.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        RunDirError: as :func:`check_run_root`.
+    """
+    root = Path(root)
+    for arm in arms:
+        _check_arm(arm)
+    check_run_root(root, grid)
+    manifest = dict(
+        relook_version=relook_version(), created=utc_now(), grid=grid, arms=list(arms),
+        seeds=[int(s) for s in seeds], versions=dict(versions), status="running", events=[],
+    )  # fmt: skip
+    if (root / MANIFEST).is_file():
+        old = load_manifest(root)
         manifest["created"] = old.get("created", manifest["created"])
         manifest["resumed"] = utc_now()
         manifest["arms"] = list(dict.fromkeys([*old.get("arms", []), *arms]))
         manifest["seeds"] = sorted({*old.get("seeds", []), *manifest["seeds"]})
+        manifest["events"] = [*old.get("events", []), {"event": "resumed", "at": utc_now()}]
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / MANIFEST, manifest)
     return root
+
+
+@contextmanager
+def lock_run(root: str | Path) -> Iterator[Path]:
+    """Hold the run directory's writer lock: an exclusive ``flock`` on ``root/.lock`` (the
+    folder is created if missing), with the owner's pid, host and start time in
+    ``root/.lock.owner.json``. The kernel drops the lock when its holder dies, also by
+    SIGKILL, so a lock left by a dead process is taken over without any clean-up.
+
+    Raises:
+        RunDirError: another live process holds the lock (the message names it).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirError(f"{root}: in use, {_lock_owner(root)}; wait for it or stop it") from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
+        atomic_write_json(root / LOCK_OWNER, owner)
+        yield root
+    finally:
+        lock.release()
+
+
+def _lock_owner(root: Path) -> str:
+    try:
+        owner = _read_json(root / LOCK_OWNER)
+        who = f"pid {owner['pid']} on {owner['host']} since {owner['started']}"
+    except (RunDirError, KeyError, TypeError):
+        who = "another process"
+    return f"locked ({root / LOCK}) by {who}"
 
 
 def _read_status(run: Path, arm: str) -> dict[str, Any]:
@@ -220,23 +288,31 @@ def finish_arm(
     atomic_write_json(Path(run) / arm / STATUS, record)
 
 
+def _add_event(manifest: dict[str, Any], event: str, **fields: Any) -> None:
+    manifest["events"] = [*manifest.get("events", []), {"event": event, "at": utc_now(), **fields}]
+
+
 def finish_run(run: str | Path) -> str:
-    """Set (and return) the manifest status: "complete" if every arm is, else "incomplete"."""
+    """Set (and return) the manifest status: "complete" if every arm is, else "incomplete"
+    (a "finished" event records it)."""
     run = Path(run)
     manifest = load_manifest(run)
     arms = list_arms(run)
     done = set(arms.loc[arms["status"] == "complete", "arm"])
     manifest["status"] = "complete" if set(manifest["arms"]) <= done else "incomplete"
     manifest["finished"] = utc_now()
+    _add_event(manifest, "finished", status=manifest["status"])
     atomic_write_json(run / MANIFEST, manifest)
     return str(manifest["status"])
 
 
-def mark_interrupted(run: str | Path) -> list[str]:
-    """Flip every "running" arm to "failed" with error "interrupted"; manifest -> "incomplete".
+def mark_interrupted(run: str | Path, error: str = "interrupted") -> list[str]:
+    """Flip every "running" arm to "failed" with ``error``; manifest -> "incomplete", with an
+    "interrupted" event naming the flipped arms.
 
-    For a ``KeyboardInterrupt``/exception handler: returns the flipped arms; never raises for a
-    corrupt status file (that arm is marked failed too); does nothing without a manifest.
+    For a ``KeyboardInterrupt``/exception handler, and for a resume that finds arms left
+    "running" by a process that is gone: returns the flipped arms; never raises for a corrupt
+    status file (that arm is marked failed too); does nothing without a manifest.
     """
     run = Path(run)
     try:
@@ -250,10 +326,11 @@ def mark_interrupted(run: str | Path) -> list[str]:
         except RunDirError:
             status = {"status": "running", "started": None, "stage": "unknown"}
         if status.get("status") == "running":
-            status.update(status="failed", finished=utc_now(), error="interrupted")
+            status.update(status="failed", finished=utc_now(), error=error)
             atomic_write_json(run / arm / STATUS, status)
             flipped.append(arm)
     manifest["status"] = "incomplete"
+    _add_event(manifest, "interrupted", arms=flipped, error=error)
     atomic_write_json(run / MANIFEST, manifest)
     return flipped
 

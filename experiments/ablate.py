@@ -426,11 +426,12 @@ def main(args: AblateArgs) -> Path:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet_transformers()
-    args = replace(args, model=args.base_model())
+    args = replace(args, model=args.base_model(), out=args.out or _default_out(args.grid))
     configs = grid_arms(
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
         args.preset,
     )  # fmt: skip
+    check_args(args)
     distributed = dist.init_from_env()
     if distributed and args.launcher != "local":
         raise ValueError(
@@ -463,21 +464,68 @@ def _follow(configs: list[ArmConfig], args: AblateArgs) -> Path:
     return run
 
 
-def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
-    """Rank 0 (or the only process): create or resume the run directory and run the arms."""
-    from analysis import rundir
-    from train import dist
+def check_args(args: AblateArgs) -> None:
+    """Reject impossible options before any work and before a run directory is made.
 
+    Raises:
+        ValueError: ``--workers`` < 1, or no or negative ``--seeds`` (``--steps`` < 0 is
+            refused by the grid's :class:`GRPOConfig`).
+        RunDirError: ``--out`` cannot be this grid's run directory
+            (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
+            another grid, not writable).
+    """
+    from analysis import rundir
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
+    if not args.seeds or min(args.seeds) < 0:
+        raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
+    rundir.check_run_root(args.out, args.grid)
+
+
+def _default_out(grid: str) -> Path:
+    return Path("runs") / f"ablate-{grid}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
+    """Rank 0 (or the only process): lock, create or resume the run directory, run the arms."""
     if args.model != RANDOM_MODEL:
         from agent.modeling import load_policy
 
         load_policy(args.model)  # fail early, naming the directory, before anything is written
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = Path(args.out) if args.out else Path("runs") / f"ablate-{args.grid}-{stamp}"
-    run = rundir.create_run(
-        run, args.grid, [c.name for c in configs], list(args.seeds), _versions()
-    )
-    _link_latest(run)
+    from analysis import rundir
+    from experiments.launch import sigterm_as_interrupt
+
+    with rundir.lock_run(args.out) as run:  # a second ablate on this folder is refused
+        _recover_stale(run)
+        run = rundir.create_run(
+            run, args.grid, [c.name for c in configs], list(args.seeds), _versions()
+        )
+        _link_latest(run)
+        with sigterm_as_interrupt():
+            return _lead_run(run, configs, args)
+
+
+def _recover_stale(run: Path) -> None:
+    """Under the lock: arms left "running" by a process that is gone (SIGKILL, power loss)
+    are marked failed and the run incomplete, before the resume restarts them."""
+    from analysis import rundir
+
+    try:
+        stale = rundir.load_manifest(run).get("status") == "running"
+        stale |= bool((rundir.list_arms(run)["status"] == "running").any())
+    except rundir.RunDirError:
+        return  # a new run
+    if stale:
+        flipped = rundir.mark_interrupted(run, "interrupted: its process was gone at resume")
+        print(f"{run}: left running by a process that is gone; arms {flipped} marked failed, "
+              "run incomplete")  # fmt: skip
+
+
+def _lead_run(run: Path, configs: list[ArmConfig], args: AblateArgs) -> Path:
+    from analysis import rundir
+    from train import dist
+
     t0 = time.perf_counter()
     try:
         base = _base_model(run, args.model, GRIDS[args.grid]["warmup"], args.progress)
@@ -489,10 +537,10 @@ def _lead(configs: list[ArmConfig], args: AblateArgs) -> Path:
             dist.broadcast_object((run, base, [c.name for c in todo]))
         _run_all(run, todo, base, args)
         dist.barrier()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (launch.Terminated)
         flipped = rundir.mark_interrupted(run)
         print(f"\ninterrupted: {run} marked incomplete (arms {flipped})", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     except Exception:
         rundir.mark_interrupted(run)  # never leave a run looking as if it were still going
         raise
@@ -521,9 +569,10 @@ def _run_all(run: Path, todo: list[ArmConfig], base: str, args: AblateArgs) -> N
     )  # fmt: skip
     try:
         launch.run_arms(run, todo, base, arm_fn, executor, args.progress)
-    finally:
-        if executor is not None:
-            executor.shutdown()
+    except BaseException:  # interrupted or failed: no worker may go on writing arms
+        launch.stop_executor(executor, kill=True)
+        raise
+    launch.stop_executor(executor)
 
 
 def launch_target():

@@ -18,12 +18,23 @@ installed on every node (``pip install -e '.[ray]'``).
 Each arm is one process: an arm that needs several GPUs for data-parallel training is launched
 with ``torchrun``/``deepspeed`` instead (``experiments.ablate``'s docstring); a fractional
 ``--num-gpus-per-arm`` (e.g. 0.5) packs small arms onto one GPU.
+
+Local pool workers die with the lead process (:func:`die_with_parent`), also when it is
+SIGKILLed: no orphaned arm goes on training into a run directory that a rerun resumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,9 @@ RAY_MISSING = (
     "--launcher ray needs Ray, which is not installed: pip install -e '.[ray]' "
     "(or pip install 'ray>=2.9'); every node of the cluster needs it, and relook"
 )
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when the thread that forked it dies."""
 
 ArmFn = Callable[..., str]
 """``arm_fn(run, cfg, base_model, progress) -> status`` (``experiments.ablate.run_arm``)."""
@@ -187,4 +201,81 @@ def make_executor(
         return RayExecutor(ray_address, num_gpus=num_gpus_per_arm, num_cpus=num_cpus_per_arm)
     if workers <= 1 or n_arms <= 1:
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"),
+        initializer=die_with_parent, initargs=(os.getpid(),),
+    )  # fmt: skip
+
+
+def die_with_parent(parent: int, interval_s: float = 0.5) -> None:
+    """Make this (worker) process exit when process ``parent`` dies, however it dies.
+
+    On Linux the kernel sends SIGKILL at once (``prctl(PR_SET_PDEATHSIG)``; the pool forks
+    its workers from the lead's main thread, whose death is the process's). Everywhere, a
+    daemon thread checks every ``interval_s`` seconds that ``os.getppid()`` is still
+    ``parent`` (it changes when the orphan is re-parented) and ends the process otherwise;
+    it also covers a parent that died before this ran.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # else the watchdog alone
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(parent, interval_s), name="die-with-parent", daemon=True
+    ).start()
+
+
+def _watch_parent(parent: int, interval_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(1)  # no clean-up: the lead is gone and a rerun owns the run directory now
+
+
+def stop_executor(executor: Executor | None, kill: bool = False) -> None:
+    """Shut ``executor`` down: wait for its arms, or with ``kill`` cancel the queued ones and
+    SIGKILL the local pool's worker processes at once (the lead is being interrupted; it
+    marks their arms failed itself)."""
+    if executor is None:
+        return
+    if not kill or not isinstance(executor, ProcessPoolExecutor):
+        executor.shutdown(wait=not kill, cancel_futures=kill)
+        return
+    processes = list((executor._processes or {}).values())  # no public handle before 3.14
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.join(timeout=5)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP received (:func:`sigterm_as_interrupt`): handled like Ctrl-C, arms
+    and run marked interrupted; ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within this context SIGTERM and SIGHUP raise :class:`Terminated` (a
+    ``KeyboardInterrupt``) in the main thread, so that the lead marks its arms failed and
+    stops the pool instead of dying silently. Signals that are ignored (``nohup``) stay
+    ignored; outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    old = {s: signal.signal(s, _raise_terminated) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -222,3 +225,78 @@ def test_torchrun_launch_trains_like_one_process(tmp_path):
     assert len(rows["two"]) == 2
     assert_rows_close(rows["two"], rows["one"])
     assert not (two / "full-s0" / "checkpoints").exists()
+
+
+def _cli_error(monkeypatch, capsys, *argv: str) -> str:
+    """Run ``python -m experiments.ablate ARGV`` in-process; assert exit 2, return stderr."""
+    from experiments.cli import run_cli
+
+    monkeypatch.setattr("sys.argv", ["ablate", "--grid", "smoke", "--no-progress", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(ablate.main, ablate.AblateArgs)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "-3"], "--workers must be >= 1"),
+        (["--seeds", "-1"], r"--seeds must be one or more integers >= 0, got \[-1\]"),
+        (["--seeds", "0", "-2"], r"--seeds must be .* got \[0, -2\]"),
+        (["--steps", "-1"], "GRPOConfig.steps must be >= 0"),
+    ],
+)
+def test_bad_counts_exit_2_before_a_run_directory_exists(
+    tmp_path, monkeypatch, capsys, flags, message
+):
+    out = tmp_path / "r"
+    err = _cli_error(monkeypatch, capsys, "--out", str(out), *flags)
+    assert re.search(f"^error: {message}", err) and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unusable_out_exits_2_naming_it_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """``--out`` a file, a path under a file, a folder that is not a run, a run of another
+    grid, a read-only folder: each refused before any work with a message naming it."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    cases = {
+        afile: "exists and is not a folder",
+        afile / "run": "is a file, not a folder",
+        other: "folder is not empty and has no manifest.json",
+    }
+    for out, message in cases.items():
+        err = _cli_error(monkeypatch, capsys, "--out", str(out))
+        assert f"error: {out}: " in err and message in err and "Traceback" not in err
+    assert afile.read_text() == "keep" and os.listdir(other) == ["notes.txt"]
+    rundir.create_run(tmp_path / "default-grid", "default", ["full-s0"], [0], {})
+    err = _cli_error(monkeypatch, capsys, "--out", str(tmp_path / "default-grid"))
+    assert "holds grid 'default', not 'smoke'" in err
+
+
+def test_read_only_out_exits_2(tmp_path, monkeypatch, capsys):
+    """Writability is probed by creating a temp file: root ignores permission bits, so as
+    root the read-only folder is /sys (EACCES), else a chmod 0o555 folder."""
+    import tempfile
+
+    if os.geteuid() == 0:
+        parent = Path("/sys")
+    else:
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o555)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        pass
+    else:
+        pytest.skip(f"{parent} is writable here")
+    out = parent / "relook-run"
+    err = _cli_error(monkeypatch, capsys, "--out", str(out))
+    assert f"error: {out}: cannot write in {parent}" in err and "Traceback" not in err
+    assert not out.exists()
