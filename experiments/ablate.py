@@ -549,7 +549,7 @@ def _lead_run(run: Path, configs: list[ArmConfig], args: AblateArgs) -> Path:
     print(summary_table(run))
     print("\nper arm over seeds (held-out accuracy):")
     print(seed_table(run))
-    print(f"\nopen it: streamlit run apps/relook_app.py -- --run {run}")
+    print(f"\nopen it: relook-app --run {run}   (or: python -m apps.launch --run {run})")
     return run
 
 
