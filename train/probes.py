@@ -60,11 +60,17 @@ def perception(
 
 
 def families_without_tools(
-    policy: Policy, n: int = 60, seed: int = 1, difficulty: float = 0.5
+    policy: Policy,
+    n: int = 60,
+    seed: int = 1,
+    difficulty: float = 0.5,
+    families: tuple[str, ...] = (),
 ) -> dict:
     """Greedy accuracy of the evaluation families with no tools advertised: overall, per family,
-    and per target-size band (pixels in the 224 px image of the target object)."""
-    samples = generate("test", n, seed, TaskConfig(difficulty=difficulty))
+    and per target-size band (pixels in the 224 px image of the target object). ``families``
+    (default: :data:`agent.data.tasks.FAMILIES`) picks the families asked."""
+    cfg = TaskConfig(difficulty=difficulty, **({"families": families} if families else {}))
+    samples = generate("test", n, seed, cfg)
     agent = Agent(
         policy.tokenizer,
         policy.image_processor,
@@ -209,7 +215,11 @@ def zoom_headroom(
 
 
 def family_zoom_headroom(
-    policy: Policy, n: int = 128, seed: int = 1, difficulty: float = 0.5
+    policy: Policy,
+    n: int = 128,
+    seed: int = 1,
+    difficulty: float = 0.5,
+    families: tuple[str, ...] = (),
 ) -> dict[str, dict[str, float]]:
     """Greedy accuracy of the evaluation families, with tools advertised, plainly and after an
     oracle ``confirm`` on the target object of the target image.
@@ -220,13 +230,16 @@ def family_zoom_headroom(
     digit, the ``find`` target, ...), then the model answers. (b) >> (a) means a well-placed
     zoom is worth learning; (b) <= (a) means the base cannot use what it sees there.
 
+    ``families`` (default: :data:`agent.data.tasks.FAMILIES`) picks the families asked.
+
     Returns:
         ``{"plain": {...}, "oracle": {...}}``: accuracy overall (``all``) and per family, and
         ``n`` questions.
     """
+    cfg = TaskConfig(difficulty=difficulty, **({"families": families} if families else {}))
     samples = [
         s
-        for s in generate("test", n, seed, TaskConfig(difficulty=difficulty))
+        for s in generate("test", n, seed, cfg)
         if s.target_bbox is not None and s.target_image is not None
     ]
     frame = ImageFrame.from_processor(policy.image_processor)

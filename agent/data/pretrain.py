@@ -27,7 +27,15 @@ from agent.data.render import COLOURS, SHAPES
 from agent.data.scene import Scene, pick_target
 from agent.data.tasks import Sample, TaskConfig
 
-KINDS = ("colour", "shape", "present", "digit", "label", "locate", "restate", "format")
+KINDS = (
+    "colour", "shape", "present", "digit", "label", "locate", "restate", "format",
+    "ground", "named", "which",
+)  # fmt: skip
+"""Example kinds. The last three are the generic tool literacy of relook-tiny v4 (issue 17):
+``ground`` (where is the X in image k: a box in the model frame), ``named`` (what shape is the
+X in image k) and ``which`` (which image shows X), the last two with a tool call whose image
+and box are drawn independently of whether it helps (:func:`literacy_call`). They default to
+weight 0, so the v3 stream is unchanged."""
 
 TOOL_FIRST_KINDS = ("colour", "shape", "present", "digit")
 """Perception kinds that may call a tool before answering (``perception_tool_frac``): every
@@ -66,6 +74,9 @@ class Mix:
     locate: float = 0.08
     restate: float = 0.06
     format: float = 0.10
+    ground: float = 0.0
+    named: float = 0.0
+    which: float = 0.0
 
     @classmethod
     def only(cls, *kinds: str) -> Mix:
@@ -268,6 +279,154 @@ def _format(
     return PretrainExample("format", sample, tools, script)
 
 
+def frame_box(box, image, frame) -> list[int]:
+    """``box`` ``(x1, y1, x2, y2)`` in original pixels of ``image`` as integer pixels of the
+    model frame (:class:`agent.tools.ImageFrame`): floor of the start, ceil of the end, clipped."""
+    fw, fh = frame.size(image)
+    sx, sy = fw / image.width, fh / image.height
+    return [
+        max(0, int(box[0] * sx)),
+        max(0, int(box[1] * sy)),
+        min(fw, int(np.ceil(box[2] * sx))),
+        min(fh, int(np.ceil(box[3] * sy))),
+    ]
+
+
+def describe_image(objects: list[dict]) -> str:
+    """``"a red square and a blue circle"`` for an image's objects (``"nothing"`` if none)."""
+    if not objects:
+        return "nothing"
+    words = [_describe(o) for o in objects]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def describe_scene(scene: Scene) -> str:
+    """One sentence per image, ``"Image 1 shows ... Image 2 shows ..."``: the long thought
+    of the multi-image literacy kinds (issue 17 asks for episodes long enough to measure a
+    decay of attention)."""
+    return " ".join(
+        f"Image {k + 1} shows {describe_image(objs)}." for k, objs in enumerate(scene.objects)
+    )
+
+
+def _inside(obj: dict, box: tuple[int, int, int, int]) -> bool:
+    x1, y1, x2, y2 = obj["bbox"]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+
+
+def literacy_call(scene: Scene, k: int, rng: np.random.Generator, frame) -> tuple[str, str]:
+    """A ``confirm`` call drawn independently of whether it helps, and what its crop shows.
+
+    The image is the asked image ``k`` (0-based) or, with probability 1/2 when there are
+    several, another uniformly drawn one; the box is, with probability 1/2, a box 2-7 px
+    around a uniformly drawn object of that image (if it has one), else a random box of a
+    quarter to half the model-frame side. No draw depends on the object size or on the answer.
+
+    Returns:
+        ``(call, seen)``: the ``<tool_call>`` text and a thought naming what the crop holds
+        (objects whose centre falls in the crop), e.g. ``"The zoomed region of image 2 shows
+        a red circle."``.
+    """
+    j = (
+        k
+        if scene.n == 1 or rng.random() < 0.5
+        else int(rng.choice([i for i in range(scene.n) if i != k]))
+    )
+    image, objs = scene.images[j], scene.objects[j]
+    if objs and rng.random() < 0.5:
+        box = box_in_frame(objs[int(rng.integers(len(objs)))]["bbox"], image, frame, rng)
+    else:
+        w, h = frame.size(image)
+        bw, bh = int(rng.integers(w // 4, w // 2 + 1)), int(rng.integers(h // 4, h // 2 + 1))
+        x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        box = [x, y, x + bw, y + bh]
+    fw, fh = frame.size(image)
+    sx, sy = image.width / fw, image.height / fh
+    orig = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    inside = [o for o in objs if _inside(o, orig)]
+    seen = f"The zoomed region of image {j + 1} shows {describe_image(inside)}."
+    return confirm_call(j + 1, box), seen
+
+
+def _unique(objs: list[dict], key: str) -> list[dict]:
+    """Objects of one image whose ``key`` (colour or shape) no other object there shares."""
+    return [o for o in objs if sum(p.get(key) == o.get(key) for p in objs) == 1]
+
+
+def _literacy_scene(rng, split, cfg, sizes, plain, min_images: int = 1) -> Scene:
+    n = int(
+        rng.integers(max(min_images, cfg.n_images[0] if min_images > 1 else 1), cfg.n_images[1] + 1)
+    )
+    scene = _scene(rng, split, n, cfg, plain)
+    for k in range(n):
+        for _ in range(int(rng.integers(1, 3))):
+            scene.add_shape(k, *pick_target(rng), size=_size(rng, sizes))
+    return scene
+
+
+def _ground(rng, split, cfg, index, frame, sizes=None, plain=0.0) -> PretrainExample:
+    """Where is the ``colour`` object in image k: the answer is its box in the model frame."""
+    scene = _literacy_scene(rng, split, cfg, sizes, plain)
+    k = int(rng.integers(scene.n))
+    choices = _unique(scene.objects[k], "colour") or scene.objects[k][:1]
+    obj = choices[int(rng.integers(len(choices)))]
+    box = frame_box(obj["bbox"], scene.images[k], frame)
+    answer = "[" + ", ".join(str(v) for v in box) + "]"
+    q = f"Where is the {obj['colour']} object in image {k + 1}?"
+    sample = _sample("ground", scene, q, answer, index)
+    think = _think(rng, f"Image {k + 1} shows {describe_image(scene.objects[k])}.")
+    return PretrainExample(
+        "ground", sample, bool(rng.random() < 0.5), (f"{think}<answer>{answer}</answer>",)
+    )
+
+
+def _named(rng, split, cfg, index, frame, sizes, plain, tool_frac) -> PretrainExample:
+    """What shape is the ``colour`` object in image k (or what colour is its ``shape``)."""
+    scene = _literacy_scene(rng, split, cfg, sizes, plain)
+    k = int(rng.integers(scene.n))
+    by_colour = rng.random() < 0.5
+    choices = _unique(scene.objects[k], "colour" if by_colour else "shape") or scene.objects[k][:1]
+    obj = choices[int(rng.integers(len(choices)))]
+    if by_colour:
+        q, a = f"What shape is the {obj['colour']} object in image {k + 1}?", obj["shape"]
+    else:
+        q, a = f"What colour is the {obj['shape']} in image {k + 1}?", obj["colour"]
+    return _literacy_example("named", scene, k, q, a, rng, index, frame, tool_frac)
+
+
+def _which(rng, split, cfg, index, frame, sizes, plain, tool_frac) -> PretrainExample:
+    """Which image shows the ``colour`` ``shape``: an object no other image holds (one is
+    added to a random image if the scene has none)."""
+    scene = _literacy_scene(rng, split, cfg, sizes, plain, min_images=2)
+    pairs = [(o["colour"], o["shape"]) for objs in scene.objects for o in objs]
+    unique = [(j, p) for j, objs in enumerate(scene.objects) for p in
+              [(o["colour"], o["shape"]) for o in objs] if pairs.count(p) == 1]  # fmt: skip
+    if unique:
+        k, (colour, shape) = unique[int(rng.integers(len(unique)))]
+    else:
+        k = int(rng.integers(scene.n))
+        free = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in pairs]
+        colour, shape = free[int(rng.integers(len(free)))]
+        scene.add_shape(k, colour, shape, size=_size(rng, sizes))
+    q = f"Which image shows the {colour} {shape}?"
+    return _literacy_example("which", scene, k, q, str(k + 1), rng, index, frame, tool_frac)
+
+
+def _literacy_example(kind, scene, k, q, a, rng, index, frame, tool_frac) -> PretrainExample:
+    """The transcript of a ``named``/``which`` question: a long thought describing every
+    image, then the answer; with tools advertised, with probability ``tool_frac`` a
+    :func:`literacy_call` first, followed by what its crop shows."""
+    sample = _sample(kind, scene, q, a, index)
+    tools = bool(rng.random() < 0.5)
+    thought, answer = describe_scene(scene), f"<answer>{a}</answer>"
+    if tools and rng.random() < tool_frac:
+        call, seen = literacy_call(scene, k, rng, frame)
+        script = (_think(rng) + call, f"{_think(rng, seen + ' ' + thought)}{answer}")
+        return PretrainExample(kind, sample, tools, script)
+    return PretrainExample(kind, sample, tools, (f"{_think(rng, thought)}{answer}",))
+
+
 def pretrain_example(
     index: int,
     seed: int,
@@ -280,6 +439,7 @@ def pretrain_example(
     plain: float = 0.0,
     family_answers: str = "gold",
     perception_tool_frac: float = 0.0,
+    literacy_tool_frac: float = 0.5,
 ) -> PretrainExample:
     """Example ``index`` of the pretraining stream (pure function of its arguments).
 
@@ -312,6 +472,9 @@ def pretrain_example(
             pretrained from scratch with 0.5 of them on all four kinds (1,800 steps) reached
             only 0.30 zoomed (0.42 without): after a zoom it often answered a shape question
             with a digit. 0 draws nothing: the stream is unchanged.
+        literacy_tool_frac: share of the ``named``/``which`` examples with tools advertised
+            that call :func:`literacy_call` before answering (image and box drawn
+            independently of whether the call helps).
 
     Raises:
         ValueError: unknown ``family_answers``.
@@ -326,6 +489,11 @@ def pretrain_example(
         return _label(rng, split, cfg, index, sizes, plain)
     if kind in ("locate", "restate"):
         return _tool_example(kind, rng, split, cfg, index, frame)
+    if kind == "ground":
+        return _ground(rng, split, cfg, index, frame, sizes, plain)
+    if kind in ("named", "which"):
+        fn = _named if kind == "named" else _which
+        return fn(rng, split, cfg, index, frame, sizes, plain, literacy_tool_frac)
     return _format(rng, split, cfg, index, frame, tool_frac, family_answers)
 
 

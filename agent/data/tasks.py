@@ -24,7 +24,17 @@ from agent.data.images import SPLITS
 from agent.data.scene import Scene, pick_target
 
 FAMILIES: tuple[str, ...] = ("find", "count", "read", "compare", "odd")
-"""Task family names, in rotation order (sample ``index`` gets ``families[index % len]``)."""
+"""The original task families, in rotation order (sample ``index`` gets
+``families[index % len]``); ``TaskConfig``'s default."""
+
+ZOOM_FAMILIES: tuple[str, ...] = ("shape_in", "find_small")
+"""Families with zoom headroom: the deciding object is small (``TaskConfig.small_size``), so
+the processor's downscaling removes its shape and a crop of the original restores it (the
+V* / HR-Bench premise). ``shape_in`` names the image; ``find_small`` asks which image holds
+the small object, so every image must be looked at."""
+
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + ZOOM_FAMILIES
+"""Every family name the generator knows."""
 
 COLOURS: dict[str, tuple[int, int, int]] = _render.COLOURS
 """Colour words used in questions -> RGB fill (0-255): red, green, blue, yellow, purple, orange."""
@@ -40,7 +50,15 @@ QUESTIONS: dict[str, str] = {
     "compare_most": "Which image has the most {colour} {shape}s?",
     "odd": "Which image is different from the others?",
 }
-"""Question templates, keyed by family (``compare`` has two variants)."""
+"""Question templates of :data:`FAMILIES`, keyed by family (``compare`` has two variants).
+relook-tiny's tokenizer is trained on these (``agent.modeling``): extend
+:data:`ZOOM_QUESTIONS` instead, so that a rebuild of the committed model stays bit-identical."""
+
+ZOOM_QUESTIONS: dict[str, str] = {
+    "shape_in": "What shape is the {colour} object in image {k}?",
+    "find_small": "Which image contains the small {colour} {shape}?",
+}
+"""Question templates of :data:`ZOOM_FAMILIES`."""
 
 ANSWER_TYPES: dict[str, str] = {
     "find": "index",
@@ -48,6 +66,8 @@ ANSWER_TYPES: dict[str, str] = {
     "read": "digit",
     "compare": "index",
     "odd": "index",
+    "shape_in": "word",
+    "find_small": "index",
 }
 """Answer type of each family: ``index`` (1-based image number), ``int``, ``digit``, ``word``."""
 
@@ -108,6 +128,10 @@ class TaskConfig:
         difficulty: In [0, 1]. 0 = targets in the big half of ``target_size``, opaque and
             outlined; 1 = small half, blended (opacity ``1 - scene.OPACITY_DROP``), no
             outline, digits in a random colour instead of black/white. Linear in between.
+        small_size: Inclusive (min, max) side in pixels of every object in the
+            :data:`ZOOM_FAMILIES` (the deciding object and its distractors); the default
+            12-20 px of a 224 px image is 6-10 px in relook-tiny's 112 px model frame, below
+            one 14 px patch, and fills a zoomed crop.
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -115,13 +139,14 @@ class TaskConfig:
     image_size: tuple[int, int] = (224, 224)
     target_size: tuple[int, int] = (20, 48)
     difficulty: float = 1.0
+    small_size: tuple[int, int] = (12, 20)
 
     def __post_init__(self) -> None:
-        for name in ("families", "n_images", "image_size", "target_size"):
+        for name in ("families", "n_images", "image_size", "target_size", "small_size"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        unknown = [f for f in self.families if f not in FAMILIES]
+        unknown = [f for f in self.families if f not in ALL_FAMILIES]
         if not self.families or unknown:
-            raise ValueError(f"families: unknown or empty {self.families!r}; known: {FAMILIES}")
+            raise ValueError(f"families: unknown or empty {self.families!r}; known: {ALL_FAMILIES}")
         lo, hi = _pair("n_images", self.n_images)
         if not 2 <= lo <= hi <= MAX_IMAGES:
             raise ValueError(f"n_images must satisfy 2 <= min <= max <= {MAX_IMAGES}, got {lo, hi}")
@@ -130,12 +155,13 @@ class TaskConfig:
         width, height = _pair("image_size", self.image_size)
         if not (64 <= width <= 4096 and 64 <= height <= 4096):
             raise ValueError(f"image_size must be in [64, 4096] pixels, got {self.image_size}")
-        lo, hi = _pair("target_size", self.target_size)
-        if not 8 <= lo <= hi <= min(width, height) // 4:
-            raise ValueError(
-                f"target_size must satisfy 8 <= min <= max <= min(image_size) // 4 "
-                f"= {min(width, height) // 4}, got {self.target_size}"
-            )
+        for name in ("target_size", "small_size"):
+            lo, hi = _pair(name, getattr(self, name))
+            if not 8 <= lo <= hi <= min(width, height) // 4:
+                raise ValueError(
+                    f"{name} must satisfy 8 <= min <= max <= min(image_size) // 4 "
+                    f"= {min(width, height) // 4}, got {getattr(self, name)}"
+                )
         if not 0.0 <= self.difficulty <= 1.0:
             raise ValueError(f"difficulty must be in [0, 1], got {self.difficulty!r}")
 
@@ -253,7 +279,61 @@ def _odd(scene: Scene) -> _Result:
     return _Result(QUESTIONS["odd"], str(t + 1), t + 1, box, {"variant": variant})
 
 
-_FAMILY_FUNCS = {"find": _find, "count": _count, "read": _read, "compare": _compare, "odd": _odd}
+def _other_colour(rng: np.random.Generator, colour: str) -> str:
+    others = [c for c in COLOURS if c != colour]
+    return others[int(rng.integers(len(others)))]
+
+
+def _shape_in(scene: Scene) -> _Result:
+    """Image t holds the one ``colour`` object of that image (small); the others hold small
+    objects too, some of the same colour with other shapes, so only image t answers."""
+    rng = scene.rng
+    colour, shape = pick_target(rng)
+    t = int(rng.integers(scene.n))
+    box = scene.add_shape(t, colour, shape)
+    for k in range(scene.n):
+        for _ in range(int(rng.integers(0 if k == t else 1, 3))):
+            if k != t and rng.random() < 0.5:
+                other = [s for s in SHAPES if s != shape]
+                scene.add_shape(k, colour, other[int(rng.integers(len(other)))])
+            else:
+                scene.add_shape(k, _other_colour(rng, colour), SHAPES[int(rng.integers(4))])
+    question = ZOOM_QUESTIONS["shape_in"].format(colour=colour, k=t + 1)
+    meta = {"target": {"colour": colour, "shape": shape}, "variant": "shape"}
+    return _Result(question, shape, t + 1, box, meta)
+
+
+def _find_small(scene: Scene) -> _Result:
+    """Every image holds one small ``colour`` object, each of another shape where there are
+    enough shapes (4); image t's is the asked ``shape``. Colour alone cannot decide."""
+    rng = scene.rng
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    t = int(rng.integers(scene.n))
+    order = [str(s) for s in rng.permutation(SHAPES)]
+    shape = order[0]
+    boxes = []
+    for k in range(scene.n):
+        if k == t:
+            this = shape
+        else:  # any shape but the target's; distinct from each other while they last
+            this = order[1 + (k - (k > t)) % (len(SHAPES) - 1)]
+        boxes.append(scene.add_shape(k, colour, this))
+        if rng.random() < 0.5:
+            scene.add_shape(k, _other_colour(rng, colour), SHAPES[int(rng.integers(4))])
+    question = ZOOM_QUESTIONS["find_small"].format(colour=colour, shape=shape)
+    meta = {"target": {"colour": colour, "shape": shape}, "variant": "shape"}
+    return _Result(question, str(t + 1), t + 1, boxes[t], meta)
+
+
+_FAMILY_FUNCS = {
+    "find": _find,
+    "count": _count,
+    "read": _read,
+    "compare": _compare,
+    "odd": _odd,
+    "shape_in": _shape_in,
+    "find_small": _find_small,
+}
 
 
 def generate_one(split: str, index: int, seed: int = 0, config: TaskConfig | None = None) -> Sample:
@@ -285,7 +365,7 @@ def generate_one(split: str, index: int, seed: int = 0, config: TaskConfig | Non
         split,
         n,
         config.image_size,
-        config.target_size,
+        config.small_size if family in ZOOM_FAMILIES else config.target_size,
         config.difficulty,
         same=family == "odd",
     )

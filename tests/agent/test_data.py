@@ -101,7 +101,7 @@ def test_missing_package_file_error_names_the_file():
 # Every family: shapes, sizes, valid answers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tasks.ALL_FAMILIES)
 def test_family_images_and_answers_are_valid(family):
     for s in only(family, n=8, split="test"):
         lo = 3 if family == "odd" else 2
@@ -385,3 +385,46 @@ def test_digit_patch_alpha_is_the_mnist_stroke():
     assert alpha.max() == 255 and np.asarray(patch)[..., 0].min() == 255
     with pytest.raises(ValueError, match="no ink"):
         render.digit_patch(np.zeros((28, 28), np.uint8), 20, (255, 0, 0))
+
+
+@pytest.mark.parametrize("family", tasks.ZOOM_FAMILIES)
+def test_zoom_family_objects_are_small_and_deterministic(family):
+    samples = only(family, n=24, split="test")
+    again = only(family, n=24, split="test")
+    lo, hi = TaskConfig().small_size
+    for s, t in zip(samples, again):
+        assert same_pixels(s, t) and s.question == t.question and s.answer == t.answer
+        assert s.answer_type == tasks.ANSWER_TYPES[family]
+        assert 2 <= len(s.images) <= 4
+        for objs in s.meta["objects"]:
+            assert objs, "every image holds at least one small object"
+            assert all(lo <= o["size"] <= hi for o in objs)
+        x1, y1, x2, y2 = s.target_bbox
+        assert max(x2 - x1, y2 - y1) <= hi
+
+
+def test_shape_in_answer_is_the_only_object_of_its_colour_in_the_named_image():
+    for s in only("shape_in", n=30):
+        colour, k = s.meta["target"]["colour"], s.target_image
+        assert s.question == f"What shape is the {colour} object in image {k}?"
+        objs = [o for o in s.meta["objects"][k - 1] if o["colour"] == colour]
+        assert len(objs) == 1 and objs[0]["shape"] == s.answer
+        assert list(s.target_bbox) == objs[0]["bbox"]
+
+
+def test_find_small_needs_the_shape_not_the_colour():
+    for s in only("find_small", n=30):
+        colour, shape = s.meta["target"]["colour"], s.meta["target"]["shape"]
+        holders = [
+            k + 1
+            for k, objs in enumerate(s.meta["objects"])
+            if any(o["colour"] == colour and o["shape"] == shape for o in objs)
+        ]
+        assert holders == [int(s.answer)] == [s.target_image]
+        # every image holds an object of the asked colour: colour alone cannot decide
+        assert all(any(o["colour"] == colour for o in objs) for objs in s.meta["objects"])
+
+
+def test_small_size_is_validated():
+    with pytest.raises(ValueError, match="small_size"):
+        TaskConfig(small_size=(4, 10))
