@@ -229,7 +229,8 @@ class Trajectory:
         return out
 
     def to_record(self, image_refs: list[str] | None = None) -> dict[str, Any]:
-        """JSON-serialisable dict (images as ``image_refs`` paths, pixel tensors dropped)."""
+        """JSON-serialisable dict (images as ``image_refs`` paths, pixel tensors dropped;
+        ``reward`` null and ``reward_terms`` empty when the trainer has not scored it)."""
         images = []
         for i, r in enumerate(self.images):
             images.append(
@@ -256,8 +257,8 @@ class Trajectory:
             "images": images,
             "events": [asdict(e) for e in self.events],
             "flags": self.flags,
-            **({"reward": self.reward} if self.reward is not None else {}),
-            **({"reward_terms": self.reward_terms} if self.reward_terms else {}),
+            "reward": self.reward,
+            "reward_terms": self.reward_terms,
             "acc": self.acc,
             "fmt": self.fmt,
             "used": self.used,

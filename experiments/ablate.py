@@ -105,6 +105,7 @@ class AblateArgs:
         reward: override the reward of every arm (:mod:`train.rewards`): a named form
             (``imagent``, ``deepeyes``) or weighted terms, e.g. ``acc:1.0,format:0.2,tool:0.5``
             (``module:function`` for a user term). None: keep the grid's (``imagent``).
+            Weighted terms do not read ``tool_gain``: the ``gain0`` arm then trains as ``full``.
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
     """
 
@@ -243,6 +244,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     from experiments.attention import write_arm
     from experiments.trajectories import save_trajectories
     from train.loop import make_generator, task_config, train
+    from train.rewards import score
 
     arm, folder = cfg.name, run / cfg.name
     policy = load_policy(base_model)
@@ -293,6 +295,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
         chosen += range(len(probe_trajs), len(probe_trajs) + len(singles))
         probe_trajs = probe_trajs + singles
     ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
+    score(probe_trajs, cfg.grpo.reward_form, cfg.grpo.tool_gain)  # the arm's training reward
     refs = save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
     if chosen:  # the same writer as ``python -m experiments.attention`` (tables + meta.json)
         write_arm(

@@ -20,6 +20,7 @@ The IMAgent form is the terms ``acc:1, acc_x_tool:g, format:0.2``; on 0/1 outcom
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -141,8 +142,8 @@ def parse_reward(
         The terms, in spec order; a name given twice keeps one term, weights added.
 
     Raises:
-        ValueError: an unknown term, an unloadable ``module:function``, an empty spec, or
-            ``weights`` of another length than ``spec``.
+        ValueError: an unknown term, an unloadable ``module:function``, an empty spec, a
+            weight that is not finite, or ``weights`` of another length than ``spec``.
     """
     entries = spec.split(",") if isinstance(spec, str) else list(spec)
     pairs = [e if isinstance(e, tuple) else _split(e) for e in entries if e != ""]
@@ -154,6 +155,8 @@ def parse_reward(
         pairs = [(n, float(w)) for (n, _), w in zip(pairs, weights)]
     terms: dict[str, RewardTerm] = {}
     for name, weight in pairs:
+        if not math.isfinite(float(weight)):
+            raise ValueError(f"reward term {name!r} has weight {weight}, not a finite number")
         for term in _expand(name, float(weight), tool_gain):
             old = terms.get(term.name)
             terms[term.name] = (
@@ -204,6 +207,6 @@ def _value(term: RewardTerm, traj: Trajectory) -> float:
         out = float(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"reward term {term.name!r} returned {value!r}, not a number") from err
-    if out != out or out in (float("inf"), float("-inf")):
+    if not math.isfinite(out):
         raise ValueError(f"reward term {term.name!r} returned {out}")
     return out

@@ -78,6 +78,7 @@ def test_user_term_module_function_is_applied():
         ("acc:1,bogus:0.2", "unknown reward term 'bogus'"),
         ("imagnet", "unknown reward term 'imagnet'"),
         ("", "names no term"),
+        ("acc:nan", "weight nan, not a finite number"),
         ("tests.train.no_such_module:f", "cannot load 'f' from 'tests.train.no_such_module'"),
         ("tests.train.reward_helpers:missing", "cannot load 'missing'"),
         ("tests.train.reward_helpers:NOT_CALLABLE", "is not callable"),
