@@ -12,11 +12,10 @@ from typing import Protocol
 
 import torch
 
-from agent.data.scoring import exact_match
 from agent.prompting import PromptBuilder
-from agent.reward import outcome_reward
 from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, run_tool
 from agent.trajectory import ImageRecord, Trajectory, TurnEvent
+from agent.verifiers import verify_trajectory
 
 TOOL_SETS = {
     "none": (),
@@ -327,37 +326,23 @@ class Agent:
         traj.images.extend(new_records)
 
 
-def score_trajectory(traj: Trajectory, tool_gain: float, reward_form: str = "imagent") -> None:
-    """Fill ``acc``, ``fmt``, ``used`` and ``reward`` of a finished trajectory (METHOD.md 5).
-
-    ``fmt`` is -1 when the episode ended without an answer or holds a void turn or failed call.
-    """
-    traj.acc = (
-        exact_match(traj.answer, traj.gold, traj.answer_type) if traj.answer is not None else 0.0
-    )
-    malformed = traj.answer is None or traj.flags["void_turn"] or traj.flags["failed_call"]
-    traj.fmt = -1.0 if malformed else 0.0
-    traj.used = float(any(e.kind == "tool_call" and e.ok for e in traj.events))
-    traj.reward = outcome_reward(traj.acc, traj.fmt, traj.used, tool_gain, reward_form)
-
-
 def rollout(
     agent: Agent,
     generator: Generator,
     samples: list,
     group_size: int = 1,
-    tool_gain: float = 0.5,
-    reward_form: str = "imagent",
 ) -> list[Trajectory]:
-    """Run ``group_size`` episodes per sample in lock-step and score them.
+    """Run ``group_size`` episodes per sample in lock-step and verify their answers.
+
+    Each trajectory's verification outcome (``acc``, ``fmt``, ``used``) is filled by
+    :func:`agent.verifiers.verify_trajectory`; its ``reward`` is left None: the trainer
+    weighs the outcome into a reward (``train.rewards.score``).
 
     Args:
         agent: the :class:`Agent`.
         generator: any :class:`Generator`.
         samples: task samples (``id, family, images, question, answer, answer_type``).
         group_size: G, episodes per sample (a GRPO group).
-        tool_gain: reward gain ``g`` for successful tool use.
-        reward_form: ``"imagent"`` or ``"deepeyes"``.
 
     Returns:
         ``len(samples) * group_size`` trajectories, grouped by sample (``traj.group`` = sample index).
@@ -379,5 +364,5 @@ def rollout(
         for ep, res in zip(active, results):
             agent.step(ep, res, turn)
     for ep in episodes:
-        score_trajectory(ep.traj, tool_gain, reward_form)
+        verify_trajectory(ep.traj)
     return [ep.traj for ep in episodes]

@@ -142,7 +142,11 @@ class Trajectory:
         flags: ``truncated`` (ended without answer: turn/context limit), ``void_turn``,
             ``failed_call``, ``over_budget`` (image budget), ``bad_image_tokens`` (image runs
             that do not match the images, :func:`image_token_problem`: never forwarded).
-        reward, acc, fmt, used: outcome reward terms (METHOD.md 5).
+        acc, fmt, used: verification outcome (METHOD.md 5; :func:`agent.verifiers.verify_trajectory`,
+            filled by the rollout): answer score in [0, 1], -1/0 format, 1/0 tool use.
+        reward: the trainer's reward (``train.rewards.score``); None until it is scored.
+        reward_terms: the unweighted value of each reward term, by term name (empty until
+            scored).
         group: index of the GRPO group (prompt) it belongs to.
     """
 
@@ -158,11 +162,12 @@ class Trajectory:
     events: list[TurnEvent] = field(default_factory=list)
     answer: str | None = None
     flags: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(FLAG_NAMES, False))
-    reward: float = 0.0
+    reward: float | None = None
     acc: float = 0.0
     fmt: float = 0.0
     used: float = 0.0
     group: int = 0
+    reward_terms: dict[str, float] = field(default_factory=dict)
 
     def extend(
         self, ids: list[int], sampled: bool, log_probs: list[float] | None = None
@@ -184,6 +189,7 @@ class Trajectory:
             images=list(self.images),
             events=[],
             flags=dict(self.flags),
+            reward_terms={},
         )
 
     @property
@@ -223,7 +229,8 @@ class Trajectory:
         return out
 
     def to_record(self, image_refs: list[str] | None = None) -> dict[str, Any]:
-        """JSON-serialisable dict (images as ``image_refs`` paths, pixel tensors dropped)."""
+        """JSON-serialisable dict (images as ``image_refs`` paths, pixel tensors dropped;
+        ``reward`` null and ``reward_terms`` empty when the trainer has not scored it)."""
         images = []
         for i, r in enumerate(self.images):
             images.append(
@@ -251,6 +258,7 @@ class Trajectory:
             "events": [asdict(e) for e in self.events],
             "flags": self.flags,
             "reward": self.reward,
+            "reward_terms": self.reward_terms,
             "acc": self.acc,
             "fmt": self.fmt,
             "used": self.used,

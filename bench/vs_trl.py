@@ -21,7 +21,7 @@ The work of one step, the same in both:
   Lengths are forced to be equal by default: ``min_new_tokens = max_new_tokens =
   --max-new-tokens`` in both. ``--natural-length`` lets ``<|im_end|>`` end a completion.
 * Reward: relook's ``imagent`` outcome reward with no tools, ``acc + 0.2 * fmt``. ``acc`` is the
-  exact match of the ``<answer>`` text (``agent.data.scoring.exact_match``). ``fmt`` is -1 when
+  verified ``<answer>`` text (``agent.verifiers.verify``, exact match here). ``fmt`` is -1 when
   there is no answer. Advantages are group-normalised (GRPO).
 * One optimizer step per rollout batch. It uses ``P * G / --micro-batch`` forward/backward passes
   of ``--micro-batch`` sequences, PPO clip ``[0.8, 1.28]``, token-mean loss over the batch,
@@ -85,19 +85,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 import transformers
 
 import train.loop as loop
-from agent.data.scoring import exact_match
 from agent.data.tasks import generate_one
 from agent.modeling import load_policy
 from agent.prompting import FORMAT_NO_TOOLS, SYSTEM_TEXT
-from agent.reward import outcome_reward
 from agent.rollout import Agent, AgentConfig
 from agent.tools import ANSWER_RE
+from agent.verifiers import verify
 from train.config import ArmConfig, DataConfig, GRPOConfig
+from train.rewards import parse_reward, score
 
 RUNS = ("relook", "trl")
 
@@ -268,15 +269,19 @@ def _check_prompt(policy, processor, sample) -> None:
 
 
 def _relook_reward(tokenizer, tool_gain: float):
-    """TRL reward function: ``agent.rollout.score_trajectory`` for a single no-tools turn."""
+    """TRL reward function: relook's ``imagent`` reward (``train.rewards.score``) of a single
+    no-tools turn."""
+    terms = parse_reward("imagent", tool_gain)
 
     def relook_reward(completion_ids, answer, answer_type, **kwargs) -> list[float]:
         out = []
         for ids, gold, kind in zip(completion_ids, answer, answer_type):
             found = ANSWER_RE.search(tokenizer.decode(ids, skip_special_tokens=False))
             pred = found.group(1).strip() if found else None
-            acc = exact_match(pred, gold, kind) if pred is not None else 0.0
-            out.append(outcome_reward(acc, -1.0 if pred is None else 0.0, 0.0, tool_gain))
+            fmt = -1.0 if pred is None else 0.0
+            acc = verify(pred, gold, kind)
+            turn = SimpleNamespace(answer=pred, gold=gold, acc=acc, fmt=fmt, used=0.0)
+            out.append(score([turn], terms)[0].reward)
         return out
 
     return relook_reward

@@ -102,6 +102,10 @@ class AblateArgs:
             needs a GPU and ``pip install vllm``: a colocated engine per rank, train.vllm_backend).
         freeze_vision_tower: override whether RL leaves the vision tower out of the update
             (None: keep; the grids train it).
+        reward: override the reward of every arm (:mod:`train.rewards`): a named form
+            (``imagent``, ``deepeyes``) or weighted terms, e.g. ``acc:1.0,format:0.2,tool:0.5``
+            (``module:function`` for a user term). None: keep the grid's (``imagent``).
+            Weighted terms do not read ``tool_gain``: the ``gain0`` arm then trains as ``full``.
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
     """
 
@@ -119,6 +123,7 @@ class AblateArgs:
     rollout_seeding: Literal["batch", "group"] | None = None
     rollout_backend: Literal["hf", "vllm"] | None = None
     freeze_vision_tower: bool | None = None
+    reward: str | None = None
     preset: str | None = None
     launcher: Literal["local", "ray"] = "local"
     ray_address: str | None = None
@@ -130,7 +135,10 @@ class AblateArgs:
         """The :class:`GRPOConfig` fields this command line overrides."""
         names = ("engine", "zero_stage", "gradient_checkpointing", "rollout_seeding",
                  "rollout_backend", "freeze_vision_tower")  # fmt: skip
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.reward is not None:
+            out["reward_form"] = self.reward
+        return out
 
     def base_model(self) -> str:
         """``--model``, else the preset's model, else ``relook-tiny``.
@@ -236,6 +244,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     from experiments.attention import write_arm
     from experiments.trajectories import save_trajectories
     from train.loop import make_generator, task_config, train
+    from train.rewards import score
 
     arm, folder = cfg.name, run / cfg.name
     policy = load_policy(base_model)
@@ -286,6 +295,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
         chosen += range(len(probe_trajs), len(probe_trajs) + len(singles))
         probe_trajs = probe_trajs + singles
     ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
+    score(probe_trajs, cfg.grpo.reward_form, cfg.grpo.tool_gain)  # the arm's training reward
     refs = save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
     if chosen:  # the same writer as ``python -m experiments.attention`` (tables + meta.json)
         write_arm(
@@ -427,6 +437,7 @@ def main(args: AblateArgs) -> Path:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet_transformers()
     args = replace(args, model=args.base_model(), out=args.out or _default_out(args.grid))
+    check_reward(args.reward)  # before the grid's configs, which would name the field instead
     configs = grid_arms(
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
         args.preset,
@@ -468,19 +479,36 @@ def check_args(args: AblateArgs) -> None:
     """Reject impossible options before any work and before a run directory is made.
 
     Raises:
-        ValueError: ``--workers`` < 1, or no or negative ``--seeds`` (``--steps`` < 0 is
-            refused by the grid's :class:`GRPOConfig`).
+        ValueError: ``--workers`` < 1, no or negative ``--seeds``, or a ``--reward`` naming
+            an unknown term (``--steps`` < 0 is refused by the grid's :class:`GRPOConfig`).
         RunDirError: ``--out`` cannot be this grid's run directory
             (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
             another grid, not writable).
     """
     from analysis import rundir
 
+    check_reward(args.reward)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
     if not args.seeds or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
     rundir.check_run_root(args.out, args.grid)
+
+
+def check_reward(reward: str | None) -> None:
+    """Reject a ``--reward`` naming an unknown term or verifier (None: the grid's reward).
+
+    Raises:
+        ValueError: the message names the flag and the unknown name.
+    """
+    from train.rewards import parse_reward
+
+    if reward is None:
+        return
+    try:
+        parse_reward(reward)
+    except ValueError as err:
+        raise ValueError(f"--reward {reward!r}: {err}") from None
 
 
 def _default_out(grid: str) -> Path:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from agent.rollout import AgentConfig
 from train.core_algos import LOSS_AGG, SCALE_REWARDS
+from train.rewards import parse_reward
 
-REWARD_FORMS = ("imagent", "deepeyes")
 ENGINES = ("torch", "deepspeed")
 ROLLOUT_SEEDING = ("batch", "group")
 ROLLOUT_BACKENDS = ("hf", "vllm")
@@ -46,7 +46,10 @@ class GRPOConfig:
         mask_trajectories: level-2 mask: zero weight for truncated, void-turn, failed-call and
             over-budget trajectories (``bad_image_tokens`` ones get zero weight either way).
         tool_gain: reward gain g for successful tool use (0 turns the gain off).
-        reward_form: ``imagent`` (``acc * (1 + g * used) + 0.2 * fmt``) or ``deepeyes``.
+        reward_form: the reward (:mod:`train.rewards`): a named form, ``imagent`` (``acc * (1 +
+            g * used) + 0.2 * fmt``) or ``deepeyes`` (``0.8 * acc + 0.2 * fmt + 1.2 * [used and
+            acc]``), or weighted terms ``"acc:1.0,format:0.2,tool:0.5"`` (``module:function``
+            for a user term of the trajectory).
         seed: seed of sampling, data order and initialisation of the trainer state.
         freeze_vision_tower: leave the vision tower (every parameter under ``.visual.``, the
             patch merger included) out of the update, as verl's
@@ -122,10 +125,10 @@ class GRPOConfig:
             raise ValueError(
                 f"GRPOConfig.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}"
             )
-        if self.reward_form not in REWARD_FORMS:
-            raise ValueError(
-                f"GRPOConfig.reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}"
-            )
+        try:
+            parse_reward(self.reward_form, self.tool_gain)
+        except ValueError as err:
+            raise ValueError(f"GRPOConfig.reward_form={self.reward_form!r}: {err}") from None
         if self.engine not in ENGINES:
             raise ValueError(f"GRPOConfig.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.zero_stage not in (2, 3):

@@ -59,6 +59,7 @@ from train.core_algos import (
 )
 from train.engine import Engine, make_engine
 from train.metrics import rollout_metrics
+from train.rewards import score
 from train.vllm_backend import VLLMGenerator, make_vllm_generator
 
 
@@ -165,6 +166,8 @@ def train(
         policy_now = engine.full_model().eval()
         trajs = _rollout(agent, generator, samples, groups, g, step)
         flag_bad_image_tokens(trajs, agent.prompts.ids.vision, agent.merge)  # before any forward
+        # Rewards (the trainer weighs each verified outcome into a reward, METHOD.md 5)
+        score(trajs, g.reward_form, g.tool_gain)
         if isinstance(generator, VLLMGenerator):
             generator.sleep()  # colocated: the GPU goes to the old-log-prob pass and the update
         t_gen = time.perf_counter()
@@ -246,7 +249,7 @@ def _rollout(agent, generator, samples, groups: range, g: GRPOConfig, step: int)
     ``fork_rng`` (the process's own stream is left untouched).
     """
     if g.rollout_seeding == "batch":
-        trajs = rollout(agent, generator, samples, g.group_size, g.tool_gain, g.reward_form)
+        trajs = rollout(agent, generator, samples, g.group_size)
         for t in trajs:
             t.group += groups.start
         return trajs
@@ -255,7 +258,7 @@ def _rollout(agent, generator, samples, groups: range, g: GRPOConfig, step: int)
     for gi, sample in zip(groups, samples):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(_seed(g.seed, step, gi))
-            group = rollout(agent, generator, [sample], g.group_size, g.tool_gain, g.reward_form)
+            group = rollout(agent, generator, [sample], g.group_size)
         for t in group:
             t.group = gi
         trajs += group

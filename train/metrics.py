@@ -20,7 +20,8 @@ def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dic
         ``rollout/*`` (means per trajectory; tool calls are successful calls per trajectory,
         failed calls counted apart), ``mask/token_frac`` (weighted share of the tokens after the
         prompt), ``mask/trajectory_frac`` (share of trajectories with zero weight) and
-        ``mask/{truncated,void_turn,failed_call,over_budget}`` (share flagged).
+        ``mask/{truncated,void_turn,failed_call,over_budget}`` (share flagged) and
+        ``reward/<term>`` (mean unweighted value of each reward term, :func:`train.rewards.score`).
     """
     calls = [t.n_tool_calls for t in trajs]
     after_prompt = sum(len(t.token_ids) - t.prompt_len for t in trajs)
@@ -44,4 +45,6 @@ def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dic
     }
     for flag in ("truncated", "void_turn", "failed_call", "over_budget"):
         out[f"mask/{flag}"] = float(np.mean([flag in mask_reasons(t.flags) for t in trajs]))
+    for term in dict.fromkeys(k for t in trajs for k in t.reward_terms):
+        out[f"reward/{term}"] = float(np.mean([t.reward_terms.get(term, 0.0) for t in trajs]))
     return out

@@ -8,10 +8,10 @@ from PIL import Image
 
 from agent.data.tasks import Sample
 from agent.prompting import ChatIds
-from agent.reward import outcome_reward
 from agent.rollout import Agent, AgentConfig, HFGenerator, rollout
 from agent.tools import ImageFrame, confirm, reflect, run_tool
 from train.batching import loss_weights
+from train.rewards import score
 
 FRAME = ImageFrame(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
 
@@ -32,9 +32,8 @@ def _run(
     cfg = cfg or AgentConfig(tools="both", max_turns=4)
     agent = Agent(policy.tokenizer, policy.image_processor, cfg)
     gen = scripted(policy.tokenizer, scripts, cut=cut)
-    return rollout(
-        agent, gen, [sample or _sample()], group_size=group_size or len(scripts), tool_gain=gain
-    )
+    trajs = rollout(agent, gen, [sample or _sample()], group_size=group_size or len(scripts))
+    return score(trajs, "imagent", tool_gain=gain)
 
 
 CALL_CONFIRM = '<think>zoom</think><tool_call>{"name": "confirm", "arguments": {"image": 2, "bbox_2d": [8, 8, 40, 40]}}</tool_call>'
@@ -180,9 +179,10 @@ def test_tool_gain_switch(policy, scripted):
     (with_gain,) = _run(policy, [[CALL_CONFIRM, ANSWER_2]], gain=0.5, scripted=scripted)
     (no_gain,) = _run(policy, [[CALL_CONFIRM, ANSWER_2]], gain=0.0, scripted=scripted)
     assert with_gain.reward == pytest.approx(1.5) and no_gain.reward == pytest.approx(1.0)
-    assert outcome_reward(1.0, 0.0, 1.0, form="deepeyes") == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="reward form"):
-        outcome_reward(1.0, 0.0, 1.0, form="nope")
+    (deepeyes,) = score([with_gain], "deepeyes")
+    assert deepeyes.reward == pytest.approx(2.0)  # 0.8 * acc + 0.2 * 0 + 1.2 * [used and acc]
+    with pytest.raises(ValueError, match="unknown reward term 'nope'"):
+        score([with_gain], "nope")
 
 
 def test_confirm_maps_model_frame_box_to_original_pixels():

@@ -185,6 +185,15 @@ def test_command_line_overrides_engine_fields():
     assert frozen == {"freeze_vision_tower": True} and cfg.grpo.freeze_vision_tower
 
 
+def test_reward_flag_sets_every_arms_reward():
+    import tyro
+
+    args = tyro.cli(ablate.AblateArgs, args=["--reward", "acc:1.0,format:0.2,tool:0.5"])
+    assert args.grpo_overrides() == {"reward_form": "acc:1.0,format:0.2,tool:0.5"}
+    cfgs = grid_arms("smoke", (0,), ("full", "gain0"), grpo=args.grpo_overrides())
+    assert {c.grpo.reward_form for c in cfgs} == {"acc:1.0,format:0.2,tool:0.5"}
+
+
 def test_torchrun_launch_trains_like_one_process(tmp_path):
     """``torchrun --nproc_per_node 2 -m experiments.ablate --engine deepspeed``: rank 0 writes
     a complete run directory whose metrics equal a 1-process torch-engine run's (same rollouts:
@@ -246,6 +255,11 @@ def _cli_error(monkeypatch, capsys, *argv: str) -> str:
         (["--seeds", "-1"], r"--seeds must be one or more integers >= 0, got \[-1\]"),
         (["--seeds", "0", "-2"], r"--seeds must be .* got \[0, -2\]"),
         (["--steps", "-1"], "GRPOConfig.steps must be >= 0"),
+        (
+            ["--reward", "acc:1,bogus:0.2"],
+            "--reward 'acc:1,bogus:0.2': unknown reward term 'bogus'",
+        ),
+        (["--reward", "nosuchmod:f"], "--reward 'nosuchmod:f': .*cannot load 'f' from 'nosuchmod'"),
     ],
 )
 def test_bad_counts_exit_2_before_a_run_directory_exists(

@@ -342,7 +342,7 @@ def test_sampling_seeds_follow_torch_seed(tiny_real):
 
 def test_multi_turn_episodes_match_the_hf_interface(tiny_real, scripted):
     """The same turns through the vLLM backend and through a scripted HF-style generator give
-    the same trajectories (ids, masks, images, events, flags, rewards)."""
+    the same trajectories (ids, masks, images, events, flags, verified outcomes)."""
     script = [CONFIRM, REFLECT, RIGHT]
     agent = Agent(tiny_real.tokenizer, tiny_real.image_processor, AgentConfig(max_turns=4))
     ref = rollout(agent, scripted(tiny_real.tokenizer, [list(script)] * 2), [_sample()], 2)
@@ -354,7 +354,7 @@ def test_multi_turn_episodes_match_the_hf_interface(tiny_real, scripted):
         assert [(e.kind, e.tool, e.ok, e.start, e.end) for e in a.events] == [
             (e.kind, e.tool, e.ok, e.start, e.end) for e in b.events
         ]
-        assert a.flags == b.flags and a.reward == b.reward == 1.5
+        assert a.flags == b.flags and (a.acc, a.used, a.fmt) == (b.acc, b.used, b.fmt) == (1, 1, 0)
         sampled = [lp for lp, m in zip(b.rollout_log_probs, b.response_mask) if m]
         assert sampled and all(lp < 0 for lp in sampled)
     assert llm.calls == [("generate", 2)] * 3
