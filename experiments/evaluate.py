@@ -41,7 +41,8 @@ class EvaluateArgs:
             ``agent.benchmarks.BENCHMARKS``: vstar, hrbench_4k, hrbench_8k, mme_realworld,
             muirbench, blink, mantis_eval, mmiu, relook); needs ``data_root``.
         data_root: the benchmark's folder as downloaded (layouts: README, loader docstrings).
-        limit: score only the first N questions of the benchmark (after ``categories``).
+        limit: score only the first N questions of the benchmark (after ``categories``), or
+            of each ``eval_data`` source.
         categories: score only these benchmark categories.
         records: also write one record per question (answer, parsed answer, tool calls).
         untagged: on a benchmark, also score a final reply given without ``<answer>`` tags
@@ -182,6 +183,7 @@ def _main_sources(args: EvaluateArgs, agent_cfg) -> dict:
             )
         else:
             samples = eval_rows([spec.text], generated)
+            samples = samples[: args.limit] if args.limit is not None else samples
             sources[spec.text] = evaluate(agent, make_generator(policy), samples)[0]
     result = {
         "model": str(args.model),

@@ -264,14 +264,22 @@ def _user_source(spec: SourceSpec) -> Source:
 
 def _read(path: Path, reader: Callable, what: str):
     """``reader(path)``, a missing file or unreadable content raised naming ``path``."""
+    import datasets
+
     if not path.exists():
         raise FileNotFoundError(f"{what} {path} not found")
+    quiet = datasets.is_progress_bar_enabled()
+    if quiet:  # no "Generating train split" bars inside the CLIs' own output
+        datasets.disable_progress_bars()
     try:
         return reader(str(path))
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"cannot read {what} {path}: {err}") from err
     except Exception as err:  # datasets/pyarrow parse errors have their own classes
         raise ValueError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def _undecoded(dataset):
