@@ -145,9 +145,13 @@ class ItemSource(Source):
 
 
 class TableSource(Source):
-    """Rows of a ``datasets.Dataset``, turned into samples by ``to_sample(row, index, where)``.
+    """Rows of a ``datasets.Dataset``, turned into samples by ``to_sample(source, row, index)``
+    (the relook-schema or the DeepEyes row reader).
 
-    ``base`` is the folder relative image paths are resolved against (the file's folder).
+    Attributes:
+        path: the file (or folder) read, for messages.
+        dataset: the rows, image columns undecoded.
+        base: the folder relative image paths are resolved against (the file's folder).
     """
 
     def __init__(self, name: str, path: Path, dataset, base: Path, to_sample: Callable):
@@ -169,7 +173,9 @@ def parse_spec(text: str) -> SourceSpec:
     """Parse ``[FORMAT:]PATH[:WEIGHT]`` or ``generator[:WEIGHT]`` (module docstring).
 
     Raises:
-        ValueError: an empty spec or path, or a weight that is not a positive finite number.
+        ValueError: an empty spec or path, a weight that is not a positive finite number, or a
+            path of no recognisable format.
+        FileNotFoundError: a path without ``FORMAT`` that does not exist.
     """
     parts = text.split(":")
     weight, weighted = 1.0, len(parts) > 1 and _is_number(parts[-1])
