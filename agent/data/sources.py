@@ -40,30 +40,22 @@ images) is what the CLIs run before they create anything.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from agent.benchmarks import BENCHMARKS, load_benchmark
-from agent.benchmarks.base import BenchmarkItem, ImageRef, label_images, option_lines
-from agent.data.scoring import ANSWER_TYPES
+from agent.benchmarks.base import BenchmarkItem
+from agent.data.rows import DEEPEYES_COLUMNS, REQUIRED, deepeyes_row, relook_row
 from agent.data.tasks import Sample
 
 GENERATOR = "generator"
 """Spec of relook's offline generator (:func:`agent.data.tasks.generate_one`)."""
-
-REQUIRED = ("images", "question", "answer")
-"""Columns every table in relook's schema must have."""
-
-DEEPEYES_COLUMNS = ("prompt", "images", "reward_model")
-"""Columns of a DeepEyes / verl RL parquet that the ``deepeyes`` adapter reads."""
 
 CHECK_ROWS = 2
 """Rows whose fields and images :meth:`Source.check` decodes."""
@@ -354,7 +346,7 @@ def load_deepeyes(path: str) -> Source:
     inline ones become ``Image k``. The answer type is ``word``.
     """
     source = load_disk(path) if Path(path).is_dir() else load_parquet(path)
-    if not isinstance(source, TableSource) or source.to_sample is not _deepeyes_row:
+    if not isinstance(source, TableSource) or source.to_sample is not deepeyes_row:
         raise ValueError(f"{path} is not a DeepEyes / verl parquet: it lacks column(s) "
                          f"{[c for c in DEEPEYES_COLUMNS if c not in _columns(source)]}")  # fmt: skip
     return source
@@ -377,118 +369,18 @@ def _benchmark_loader(name: str) -> Callable[[str], Source]:
 
 def _relook_table(name: str, path: Path, dataset, base: Path) -> TableSource:
     _require_columns(path, dataset.column_names, REQUIRED)
-    return TableSource(name, path, _undecoded(dataset), base, _relook_row)
+    return TableSource(name, path, _undecoded(dataset), base, relook_row)
 
 
 def _deepeyes_table(name: str, path: Path, dataset) -> TableSource:
     _require_columns(path, dataset.column_names, DEEPEYES_COLUMNS)
-    return TableSource(name, path, dataset, path.parent if path.is_file() else path, _deepeyes_row)
+    return TableSource(name, path, dataset, path.parent if path.is_file() else path, deepeyes_row)
 
 
 def _require_columns(path: Path, present: Sequence[str], required: Sequence[str]) -> None:
     missing = [c for c in required if c not in present]
     if missing:
         raise ValueError(f"{path} is missing column(s) {missing} (has {list(present)})")
-
-
-def _relook_row(src: TableSource, row: Mapping, index: int) -> Sample:
-    """One row of relook's schema (module table) as a Sample."""
-    question = _text(row, "question", src, index)
-    options = list(row.get("options") or [])
-    if options:
-        question = f"{question}\n{option_lines(options, '({letter}) {text}')}"
-    answer_type = row.get("answer_type") or "word"
-    if answer_type not in ANSWER_TYPES:
-        raise ValueError(f"{src.where(index, 'answer_type')}: {answer_type!r} is not one of "
-                         f"{ANSWER_TYPES}")  # fmt: skip
-    bbox = row.get("target_bbox")
-    meta = row.get("meta") or {}
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{src.where(index, 'meta')}: not JSON: {err}") from err
-    return Sample(
-        id=str(row.get("id") or f"{Path(src.path).stem}-{index:06d}"),
-        split=str(row.get("split") or src.name),
-        family=str(row.get("family") or src.name),
-        images=_images(src, row.get("images"), index),
-        question=question,
-        answer=_text(row, "answer", src, index),
-        answer_type=answer_type,
-        target_image=None if row.get("target_image") is None else int(row["target_image"]),
-        target_bbox=None if bbox is None else tuple(int(v) for v in bbox),
-        meta={**meta, "source": src.name, "row": index, "choices": options},
-    )
-
-
-def _deepeyes_row(src: TableSource, row: Mapping, index: int) -> Sample:
-    """One DeepEyes / verl row (:func:`load_deepeyes`) as a Sample."""
-    users = [
-        m for m in row.get("prompt") or [] if isinstance(m, Mapping) and m.get("role") == "user"
-    ]
-    if not users or not isinstance(users[-1].get("content"), str):
-        raise ValueError(f"{src.where(index, 'prompt')}: no user message with text content")
-    text = re.sub(r"^(\s*<image>)+\s*", "", users[-1]["content"])
-    question = label_images(text)[0].strip()
-    reward = row.get("reward_model") or {}
-    truth = reward.get("ground_truth") if isinstance(reward, Mapping) else None
-    if isinstance(truth, (list, tuple)):
-        truth = truth[0] if truth else None
-    if truth is None or not str(truth).strip():
-        raise ValueError(f"{src.where(index, 'reward_model')}: no ground_truth")
-    extra = row.get("extra_info") or {}
-    rid = extra.get("index") if isinstance(extra, Mapping) else None
-    return Sample(
-        id=str(rid if rid is not None else f"{Path(src.path).stem}-{index:06d}"),
-        split=str((extra.get("split") if isinstance(extra, Mapping) else None) or src.name),
-        family=str(row.get("data_source") or src.name),
-        images=_images(src, row.get("images"), index),
-        question=question,
-        answer=str(truth).strip(),
-        answer_type="word",
-        target_image=None,
-        target_bbox=None,
-        meta={"source": src.name, "row": index, "style": reward.get("style")},
-    )
-
-
-def _text(row: Mapping, field: str, src: TableSource, index: int) -> str:
-    value = row.get(field)
-    if value is None or not str(value).strip():
-        raise ValueError(f"{src.where(index, field)}: missing or empty")
-    return str(value).strip()
-
-
-def _images(src: TableSource, cells: Any, index: int) -> tuple:
-    """Decode a row's image cells (paths relative to ``src.base``, bytes, or ``{"bytes",
-    "path"}``) to RGB images.
-
-    Raises:
-        FileNotFoundError: an image file is missing; ValueError: no images, or a cell that is
-            not an image (both name file, row and field).
-    """
-    if cells is None or isinstance(cells, (str, bytes, Mapping)):
-        cells = [] if cells is None else [cells]
-    if not len(cells):
-        raise ValueError(f"{src.where(index, 'images')}: no images")
-    out = []
-    for k, cell in enumerate(cells):
-        where = f"{src.where(index, 'images')} image {k}"
-        data = cell.get("bytes") if isinstance(cell, Mapping) else cell
-        path = cell.get("path") if isinstance(cell, Mapping) else None
-        if isinstance(data, str):
-            data, path = None, data
-        if data:
-            ref = ImageRef(where=where, data=bytes(data))
-        elif path:
-            ref = ImageRef(
-                where=where, path=Path(path) if Path(path).is_absolute() else src.base / path
-            )
-        else:
-            raise ValueError(f"{where}: neither image bytes nor a path (got {type(cell).__name__})")
-        out.append(ref.load())
-    return tuple(out)
 
 
 SOURCES: dict[str, Callable[[str], Source]] = {
