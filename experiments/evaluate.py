@@ -168,6 +168,8 @@ def _main_sources(args: EvaluateArgs, agent_cfg) -> dict:
     from analysis.rundir import atomic_write_json
     from train.loop import make_generator
 
+    if args.benchmark is not None or args.data is not None:
+        raise ValueError("--eval-data replaces --benchmark and --data; give one of them")
     specs = check_sources(args.eval_data, weights_allowed=False)
     tasks = TaskConfig(difficulty=args.difficulty)
     generated = GeneratorSource(lambda k: generate_one(args.split, k, args.seed, tasks), args.n)
