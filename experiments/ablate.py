@@ -16,6 +16,8 @@ Examples:
         --num-gpus-per-arm 1 --out /shared/runs/smoke   # arms as Ray tasks (pip install ray)
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --rollout-backend vllm \
         --engine deepspeed          # 1 GPU: colocated vLLM rollouts (pip install vllm)
+    python -m experiments.ablate --train-data data/train.jsonl:0.7 --train-data generator:0.3 \
+        --eval-data vstar:~/data/vstar_bench   # your data (README "Train on your data")
 
 Data-parallel training (:mod:`train.loop`): every process runs this same module; each arm is
 trained by all of them together (each rolls out and trains on ``prompts_per_step / N`` of every
@@ -52,7 +54,9 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from agent.weights import write_weight_hashes
 from analysis.rundir import atomic_write_json
@@ -107,6 +111,12 @@ class AblateArgs:
             (``module:function`` for a user term). None: keep the grid's (``imagent``).
             Weighted terms do not read ``tool_gain``: the ``gain0`` arm then trains as ``full``.
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
+        train_data: a training source, repeatable: ``[FORMAT:]PATH[:WEIGHT]`` or
+            ``generator[:WEIGHT]`` (:mod:`agent.data.sources`; README "Train on your data");
+            none: the offline generator. Checked (columns, first rows' images) before the run
+            directory is made.
+        eval_data: a held-out source, repeatable (no weight); every row is evaluated. None:
+            the grid's generated test questions.
     """
 
     grid: str = "default"
@@ -130,6 +140,13 @@ class AblateArgs:
     num_gpus_per_arm: float = 0.0
     num_cpus_per_arm: float = 1.0
     local_rank: int = -1
+    train_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    eval_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+
+    def data_overrides(self) -> dict:
+        """The :class:`DataConfig` fields this command line overrides."""
+        names = ("train_data", "eval_data")
+        return {n: tuple(getattr(self, n)) for n in names if getattr(self, n)}
 
     def grpo_overrides(self) -> dict:
         """The :class:`GRPOConfig` fields this command line overrides."""
@@ -236,14 +253,13 @@ def _train_rank(run: Path, cfg: ArmConfig, base_model: str) -> str:
 def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) -> None:
     import torch
 
-    from agent.data.tasks import generate
     from agent.evaluation import evaluate
     from agent.modeling import load_policy
     from agent.rollout import Agent
     from analysis import rundir
     from experiments.attention import write_arm
     from experiments.trajectories import save_trajectories
-    from train.loop import make_generator, task_config, train
+    from train.loop import eval_samples, make_generator, train
     from train.rewards import score
 
     arm, folder = cfg.name, run / cfg.name
@@ -263,14 +279,14 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     policy.image_processor.save_pretrained(folder / "model")
     # Evaluate on the held-out split (test backgrounds never seen in training)
     rundir.set_arm_stage(run, arm, "eval")
-    test = generate("test", cfg.data.n_test, cfg.data.test_seed, task_config(cfg.data))
+    test = eval_samples(cfg.data)
     eval_agent = Agent(
         policy.tokenizer, policy.image_processor, _with_temperature(cfg.agent, cfg.eval_temperature)
     )
     torch.manual_seed(cfg.grpo.seed)
     summary, _ = evaluate(eval_agent, make_generator(policy), test)
     evaluation = {
-        "split": "test",
+        "split": "+".join(cfg.data.eval_data) or "test",
         "model": str(folder / "model"),
         "temperature": cfg.eval_temperature,
         **summary,
@@ -440,7 +456,7 @@ def main(args: AblateArgs) -> Path:
     check_reward(args.reward)  # before the grid's configs, which would name the field instead
     configs = grid_arms(
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
-        args.preset,
+        args.preset, args.data_overrides(),
     )  # fmt: skip
     check_args(args)
     distributed = dist.init_from_env()
@@ -481,6 +497,8 @@ def check_args(args: AblateArgs) -> None:
     Raises:
         ValueError: ``--workers`` < 1, no or negative ``--seeds``, or a ``--reward`` naming
             an unknown term (``--steps`` < 0 is refused by the grid's :class:`GRPOConfig`).
+        FileNotFoundError / ValueError: a ``--train-data`` / ``--eval-data`` source that is
+            missing, lacks a column or has an unreadable first row (:func:`check_data`).
         RunDirError: ``--out`` cannot be this grid's run directory
             (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
             another grid, not writable).
@@ -492,6 +510,7 @@ def check_args(args: AblateArgs) -> None:
         raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
     if not args.seeds or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
+    check_data(args)
     rundir.check_run_root(args.out, args.grid)
 
 
@@ -509,6 +528,15 @@ def check_reward(reward: str | None) -> None:
         parse_reward(reward)
     except ValueError as err:
         raise ValueError(f"--reward {reward!r}: {err}") from None
+
+
+def check_data(args: AblateArgs) -> None:
+    """Open every ``--train-data`` and ``--eval-data`` source and decode its first rows, so
+    that a missing file, column or image stops the command before anything is written."""
+    from agent.data.sources import check_sources
+
+    check_sources(args.train_data)
+    check_sources(args.eval_data, weights_allowed=False)
 
 
 def _default_out(grid: str) -> Path:

@@ -6,6 +6,8 @@ Examples:
     python -m experiments.evaluate --model PATH --data data/test --tools none --out eval.json
     python -m experiments.evaluate --benchmark vstar --data-root ~/data/vstar_bench \
         --model PATH --max-new-tokens 512 --out vstar.json
+    python -m experiments.evaluate --eval-data data/val.jsonl --eval-data vstar:~/data/vstar_bench \
+        --model PATH --out eval.json      # sources of agent.data.sources, one summary each
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import tyro
 
 
 @dataclass
@@ -36,13 +41,19 @@ class EvaluateArgs:
             ``agent.benchmarks.BENCHMARKS``: vstar, hrbench_4k, hrbench_8k, mme_realworld,
             muirbench, blink, mantis_eval, mmiu, relook); needs ``data_root``.
         data_root: the benchmark's folder as downloaded (layouts: README, loader docstrings).
-        limit: score only the first N questions of the benchmark (after ``categories``).
+        limit: score only the first N questions of the benchmark (after ``categories``), or
+            of each ``eval_data`` source.
         categories: score only these benchmark categories.
         records: also write one record per question (answer, parsed answer, tool calls).
         untagged: on a benchmark, also score a final reply given without ``<answer>`` tags
             (the published scorers read raw replies; off-the-shelf checkpoints may not tag).
         max_new_tokens: tokens the policy may sample per turn.
         max_total_tokens: context budget of a whole episode, in tokens.
+        eval_data: a source to score instead, repeatable: ``[FORMAT:]PATH`` or ``generator``
+            (``n`` generated ``split`` questions; :mod:`agent.data.sources`, README "Train on
+            your data"). Every row is scored, one summary per source under ``sources``;
+            benchmark formats (``vstar:DIR``, ...) by their published rule. Checked before the
+            model is loaded.
     """
 
     out: Path
@@ -63,6 +74,7 @@ class EvaluateArgs:
     untagged: bool = True
     max_new_tokens: int = 48
     max_total_tokens: int = 4096
+    eval_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
 
 
 def check_out(out: Path) -> None:
@@ -117,6 +129,8 @@ def main(args: EvaluateArgs) -> dict:
     )
     if args.split not in ("train", "test"):
         raise ValueError(f"--split must be 'train' or 'test', got {args.split!r}")
+    if args.eval_data:
+        return _main_sources(args, agent_cfg)
     if args.benchmark is not None:
         return _main_benchmark(args, agent_cfg)
     policy = load_policy(args.model)
@@ -135,6 +149,50 @@ def main(args: EvaluateArgs) -> dict:
         "tools": args.tools,
         "temperature": args.temperature,
         **summary,
+    }
+    atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _main_sources(args: EvaluateArgs, agent_cfg) -> dict:
+    """Score ``args.model`` on each ``--eval-data`` source (all checked first)."""
+    import torch
+
+    from agent.benchmarks import BENCHMARKS, load_benchmark
+    from agent.benchmarks.run import run_benchmark
+    from agent.data.sources import GeneratorSource, check_sources, eval_rows
+    from agent.data.tasks import TaskConfig, generate_one
+    from agent.evaluation import evaluate
+    from agent.rollout import Agent
+    from analysis.rundir import atomic_write_json
+    from train.loop import make_generator
+
+    if args.benchmark is not None or args.data is not None:
+        raise ValueError("--eval-data replaces --benchmark and --data; give one of them")
+    specs = check_sources(args.eval_data, weights_allowed=False)
+    tasks = TaskConfig(difficulty=args.difficulty)
+    generated = GeneratorSource(lambda k: generate_one(args.split, k, args.seed, tasks), args.n)
+    policy = _load_model(args.model)
+    agent = Agent(policy.tokenizer, policy.image_processor, agent_cfg)
+    sources = {}
+    for spec in specs:
+        torch.manual_seed(0)
+        if spec.format in BENCHMARKS:  # the benchmark's published scoring
+            items = load_benchmark(spec.format, spec.path, args.limit, args.categories)
+            sources[spec.text] = run_benchmark(
+                agent, make_generator(policy), spec.format, items, untagged=args.untagged
+            )
+        else:
+            samples = eval_rows([spec.text], generated)
+            samples = samples[: args.limit] if args.limit is not None else samples
+            sources[spec.text] = evaluate(agent, make_generator(policy), samples)[0]
+    result = {
+        "model": str(args.model),
+        "eval_data": list(args.eval_data),
+        "tools": args.tools,
+        "temperature": args.temperature,
+        "sources": sources,
     }
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=1))

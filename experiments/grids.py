@@ -76,9 +76,11 @@ def grid_arms(
     steps: int = 0,
     grpo: dict | None = None,
     preset: str | None = None,
+    data: dict | None = None,
 ) -> list[ArmConfig]:
     """All arm configs of ``grid`` for ``seeds`` (optionally only ``arms``, or ``steps`` and
-    other :class:`GRPOConfig` fields (``grpo``, e.g. ``{"engine": "deepspeed"}``) overridden).
+    other :class:`GRPOConfig` fields (``grpo``, e.g. ``{"engine": "deepspeed"}``) or
+    :class:`DataConfig` fields (``data``, e.g. ``{"train_data": ("a.jsonl",)}``) overridden).
 
     ``preset`` (a key of :data:`experiments.presets.PRESETS`) is applied on top of the grid
     and below ``steps`` and ``grpo``, which always win.
@@ -97,5 +99,7 @@ def grid_arms(
         base["grpo"] = replace(base["grpo"], steps=steps)
     if grpo:
         base["grpo"] = replace(base["grpo"], **grpo)
+    if data:
+        base["data"] = replace(base["data"], **data)
     names = arms or tuple(ARM_SWITCHES)
     return [arm_config(base, a, s, model) for s in seeds for a in names]

@@ -192,7 +192,13 @@ class DataConfig:
         difficulty: 0 (large, high-contrast targets) .. 1 (small, blended).
         train_seed: seed of the training stream (sample i of step s is index s*P + i).
         test_seed: seed of the held-out split (test backgrounds are never used in training).
-        n_test: held-out questions evaluated per arm.
+        n_test: held-out questions evaluated per arm (generated ones: ``eval_data`` sources
+            in files are evaluated whole).
+        train_data: training sources, one spec each (``[FORMAT:]PATH[:WEIGHT]`` or
+            ``generator[:WEIGHT]``, :mod:`agent.data.sources`), mixed by weight and shuffled
+            with ``train_seed``; empty: the generator alone (sample i of step s is index s*P + i).
+        eval_data: held-out sources evaluated after training, concatenated in order
+            (``generator`` = ``n_test`` generated test questions); empty: the generator's.
     """
 
     families: tuple[str, ...] = ()
@@ -202,6 +208,12 @@ class DataConfig:
     train_seed: int = 0
     test_seed: int = 1
     n_test: int = 40
+    train_data: tuple[str, ...] = ()
+    eval_data: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("train_data", "eval_data"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)

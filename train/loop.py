@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from agent.data.tasks import TaskConfig, generate_one
+from agent.data.sources import DataStream, GeneratorSource, SourceRows, eval_rows, open_stream
+from agent.data.tasks import Sample, TaskConfig, generate, generate_one
 from agent.modeling import Policy, is_vision_parameter
 from agent.rollout import Agent, Generator, HFGenerator, rollout
 from train import dist
@@ -69,6 +70,32 @@ def task_config(data: DataConfig) -> TaskConfig:
     if data.families:
         kwargs["families"] = data.families
     return TaskConfig(**kwargs)
+
+
+def train_stream(data: DataConfig) -> DataStream:
+    """The training samples of ``data``: its ``train_data`` sources mixed and shuffled with
+    ``train_seed`` (:class:`agent.data.sources.DataStream`), the generator by default.
+
+    Global index k (sample i of step s: ``k = s * prompts_per_step + i``) is a pure function
+    of the config, so a resumed run draws what an uninterrupted one does. The default stream is
+    ``generate_one("train", k, train_seed, task_config(data))``, as before sources existed.
+    """
+    tasks, seed = task_config(data), data.train_seed
+    generator = GeneratorSource(lambda k: generate_one("train", k, seed, tasks))
+    return open_stream(data.train_data, seed, generator)
+
+
+def eval_samples(data: DataConfig) -> list[Sample] | SourceRows:
+    """The held-out samples of ``data``: every row of each ``eval_data`` source in order
+    (images decoded when read), or ``n_test`` generated test questions (the default and what
+    ``generator`` stands for)."""
+    tasks = task_config(data)
+    if not data.eval_data:
+        return generate("test", data.n_test, data.test_seed, tasks)
+    generator = GeneratorSource(
+        lambda k: generate_one("test", k, data.test_seed, tasks), size=data.n_test
+    )
+    return eval_rows(data.eval_data, generator)
 
 
 def make_generator(policy: Policy, cfg: ArmConfig | None = None) -> Generator:
@@ -143,7 +170,7 @@ def train(
     generator = generator or make_generator(policy, cfg)
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     pad_id = policy.tokenizer.pad_token_id
-    tasks = task_config(cfg.data)
+    data = train_stream(cfg.data)
     torch.manual_seed(g.seed if rank == 0 else _seed(g.seed, rank))
     shuffle = torch.Generator().manual_seed(g.seed)  # the same on every rank
     rows: list[dict] = []
@@ -159,10 +186,7 @@ def train(
     ):  # fmt: skip
         t0 = time.perf_counter()
         # Rollout (this rank's shard of the step's prompts)
-        samples = [
-            generate_one("train", step * g.prompts_per_step + i, cfg.data.train_seed, tasks)
-            for i in groups
-        ]
+        samples = [data.sample(step * g.prompts_per_step + i) for i in groups]
         policy_now = engine.full_model().eval()
         trajs = _rollout(agent, generator, samples, groups, g, step)
         flag_bad_image_tokens(trajs, agent.prompts.ids.vision, agent.merge)  # before any forward

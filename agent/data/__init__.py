@@ -5,6 +5,8 @@
 - :mod:`agent.data.tasks`: ``Sample``, ``TaskConfig``, the task families and the generator.
 - :mod:`agent.data.scoring`: answer normalisation and exact match.
 - :mod:`agent.data.io`: export to / load from a folder (Parquet + PNG).
+- :mod:`agent.data.sources`: training / evaluation data from files (``--train-data``), read by
+  :mod:`agent.data.rows`; imported on use, not here.
 
 CLI: ``python -m agent.data --split test --n 50 --seed 0 --out DIR``.
 """
