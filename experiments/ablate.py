@@ -9,6 +9,7 @@ Examples:
     python -m experiments.ablate                         # default grid on relook-tiny, 2 cores
     python -m experiments.ablate --grid smoke --out runs/smoke
     python -m experiments.ablate --grid smoke --model random   # untrained tiny model (tests)
+    python -m experiments.ablate --grid smoke --report-to tensorboard --eval-every 1
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
     python -m experiments.ablate --grid smoke --engine deepspeed --zero-stage 2   # 1 process
     python -m experiments.ablate --preset qwen2.5-vl-7b --model /ckpt/Qwen2.5-VL-7B-Instruct
@@ -103,6 +104,12 @@ class AblateArgs:
         freeze_vision_tower: override whether RL leaves the vision tower out of the update
             (None: keep; the grids train it).
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
+        report_to: also log every arm's metric rows, config and sample rollouts to
+            ``tensorboard``, ``wandb`` (offline) or ``mlflow`` (a file store), inside the arm's
+            folder (:mod:`train.tracking`; ``pip install -e '.[track]'``, ``'.[mlflow]'``);
+            ``none`` (default): the run directory only.
+        eval_every: override the steps between held-out evaluations during training
+            (``eval/*`` metric keys; 0: off; None: keep the grid's).
     """
 
     grid: str = "default"
@@ -125,6 +132,8 @@ class AblateArgs:
     num_gpus_per_arm: float = 0.0
     num_cpus_per_arm: float = 1.0
     local_rank: int = -1
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    eval_every: int | None = None
 
     def grpo_overrides(self) -> dict:
         """The :class:`GRPOConfig` fields this command line overrides."""
@@ -226,6 +235,13 @@ def _train_rank(run: Path, cfg: ArmConfig, base_model: str) -> str:
 
 
 def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) -> None:
+    from train.tracking import open_tracker
+
+    with open_tracker(cfg, run / cfg.name, group=run.name) as tracker:  # cfg.report_to
+        _arm_stages(run, cfg, base_model, progress, tracker)
+
+
+def _arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool, tracker) -> None:
     import torch
 
     from agent.data.tasks import generate
@@ -244,6 +260,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     def on_step(row: dict) -> None:
         rows.append(row)
         rundir.write_metrics(run, arm, rows)
+        tracker.log_metrics(row)
 
     # Train
     rundir.set_arm_stage(run, arm, "train")
@@ -287,6 +304,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
         probe_trajs = probe_trajs + singles
     ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
     refs = save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
+    _track_arm_end(tracker, cfg, evaluation, sampled, [probe_trajs[i] for i in chosen])
     if chosen:  # the same writer as ``python -m experiments.attention`` (tables + meta.json)
         write_arm(
             folder,
@@ -297,6 +315,16 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
             chunk=cfg.measure.chunk,
             value_weighted=True,
         )
+
+
+def _track_arm_end(tracker, cfg: ArmConfig, evaluation: dict, sampled: dict, trajs: list):
+    """The held-out summary (greedy, and sampled as ``sampled/*``) and the first measured
+    trajectories (those with tool calls first) to the arm's tracker, at the last step."""
+    from train.tracking import rollout_samples
+
+    step = cfg.grpo.steps
+    tracker.log_summary({**evaluation, "sampled": sampled}, step)
+    tracker.log_rollouts(rollout_samples(trajs), step)
 
 
 def _single_image_episodes(cfg: ArmConfig, policy, agent) -> list:
@@ -431,6 +459,7 @@ def main(args: AblateArgs) -> Path:
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
         args.preset,
     )  # fmt: skip
+    configs = [_tracked(c, args) for c in configs]
     check_args(args)
     distributed = dist.init_from_env()
     if distributed and args.launcher != "local":
@@ -481,6 +510,17 @@ def check_args(args: AblateArgs) -> None:
     if not args.seeds or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
     rundir.check_run_root(args.out, args.grid)
+    from train.tracking import require
+
+    require(args.report_to)  # a missing tracker library fails here, naming its pip extra
+
+
+def _tracked(cfg: ArmConfig, args: AblateArgs) -> ArmConfig:
+    """``cfg`` with ``--report-to`` and ``--eval-every`` applied."""
+    cfg = replace(cfg, report_to=args.report_to)
+    if args.eval_every is not None:
+        cfg = replace(cfg, eval=replace(cfg.eval, every=args.eval_every))
+    return cfg
 
 
 def _default_out(grid: str) -> Path:
