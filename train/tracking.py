@@ -200,17 +200,20 @@ class WandbTracker:
     config, history rows, a ``rollouts`` table and ``wandb.Image`` images, the summary."""
 
     def __init__(self, folder: Path, name: str, group: str = ""):
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # no Sentry reports
         import wandb  # optional dependency: here only
 
         self.wandb = wandb
+        # offline; no system-stats sampler, no machine-info (cloud metadata) probes, no git
         settings = wandb.Settings(
-            mode="offline", console="off", silent=True, x_disable_stats=True, save_code=False,
-            disable_git=True,
+            mode="offline", console="off", silent=True, x_disable_stats=True,
+            x_disable_machine_info=True, save_code=False, disable_git=True,
         )  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
+        # one run at a time: each arm's is finished before the next starts
         self.run = wandb.init(
-            project=PROJECT, name=name, group=group or None, dir=str(folder), settings=settings,
-            reinit="create_new",
+            project=PROJECT, name=name, group=group or None, dir=str(folder), mode="offline",
+            settings=settings,
         )  # fmt: skip
         self.step = 0
 
