@@ -502,17 +502,17 @@ def check_args(args: AblateArgs) -> None:
         RunDirError: ``--out`` cannot be this grid's run directory
             (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
             another grid, not writable).
+        ImportError: ``--report-to``'s library is not installed (the message names the extra).
     """
     from analysis import rundir
+    from train.tracking import require
 
+    require(args.report_to)  # a missing tracker library fails first, naming its pip extra
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
     if not args.seeds or min(args.seeds) < 0:
         raise ValueError(f"--seeds must be one or more integers >= 0, got {list(args.seeds)}")
     rundir.check_run_root(args.out, args.grid)
-    from train.tracking import require
-
-    require(args.report_to)  # a missing tracker library fails here, naming its pip extra
 
 
 def _tracked(cfg: ArmConfig, args: AblateArgs) -> ArmConfig:

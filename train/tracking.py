@@ -5,7 +5,8 @@ TensorBoard, Weights & Biases or MLflow.
 
 Nothing here touches the network: W&B runs offline (``wandb sync`` uploads later), MLflow
 writes a ``file:`` store, TensorBoard writes event files. Every log lives inside the arm's
-folder: ``ARM/tensorboard/``, ``ARM/wandb/offline-run-*/``, ``ARM/mlruns/``.
+folder: ``ARM/tensorboard/``, ``ARM/wandb/offline-run-*/``, ``ARM/mlruns/``. A resumed arm
+opens a new tracker run and logs its restored rows again (TensorBoard: the same folder).
 
 The backends' libraries are heavy optional dependencies (pip extras ``track`` and ``mlflow``),
 so each is imported inside its own class, only when that backend is chosen; :func:`require`

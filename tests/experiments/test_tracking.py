@@ -147,3 +147,22 @@ def test_missing_library_fails_before_a_run_directory(tmp_path, monkeypatch, bac
     with pytest.raises(ImportError, match=rf"pip install -e '\.\[{extra}\]'"):
         main(args)
     assert not out.exists()
+
+
+def test_missing_library_exits_2_naming_the_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from experiments.cli import run_cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name)
+    )
+    out = tmp_path / "run"
+    argv = ["ablate", "--grid", "smoke", "--out", str(out), "--report-to", "wandb"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, AblateArgs)
+    assert exit_info.value.code == 2
+    assert "error: --report-to wandb needs the 'wandb' package" in capsys.readouterr().err
+    assert not out.exists()
