@@ -9,6 +9,7 @@ Examples:
     python -m experiments.ablate                         # default grid on relook-tiny, 2 cores
     python -m experiments.ablate --grid smoke --out runs/smoke
     python -m experiments.ablate --grid smoke --model random   # untrained tiny model (tests)
+    python -m experiments.ablate --grid smoke --report-to tensorboard --eval-every 1
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
     python -m experiments.ablate --grid smoke --engine deepspeed --zero-stage 2   # 1 process
     python -m experiments.ablate --preset qwen2.5-vl-7b --model /ckpt/Qwen2.5-VL-7B-Instruct
@@ -117,6 +118,12 @@ class AblateArgs:
             directory is made.
         eval_data: a held-out source, repeatable (no weight); every row is evaluated. None:
             the grid's generated test questions.
+        report_to: also log every arm's metric rows, config and sample rollouts to
+            ``tensorboard``, ``wandb`` (offline) or ``mlflow`` (a file store), inside the arm's
+            folder (:mod:`train.tracking`; ``pip install -e '.[track]'``, ``'.[mlflow]'``);
+            ``none`` (default): the run directory only.
+        eval_every: override the steps between held-out evaluations during training
+            (``eval/*`` metric keys; 0: off; None: keep the grid's).
     """
 
     grid: str = "default"
@@ -142,6 +149,9 @@ class AblateArgs:
     local_rank: int = -1
     train_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     eval_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    eval_every: int | None = None
 
     def data_overrides(self) -> dict:
         """The :class:`DataConfig` fields this command line overrides."""
@@ -251,6 +261,13 @@ def _train_rank(run: Path, cfg: ArmConfig, base_model: str) -> str:
 
 
 def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) -> None:
+    from train.tracking import open_tracker
+
+    with open_tracker(cfg, run / cfg.name, group=run.name) as tracker:  # cfg.report_to
+        _arm_stages(run, cfg, base_model, progress, tracker)
+
+
+def _arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool, tracker) -> None:
     import torch
 
     from agent.evaluation import evaluate
@@ -269,6 +286,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     def on_step(row: dict) -> None:
         rows.append(row)
         rundir.write_metrics(run, arm, rows)
+        tracker.log_metrics(row)
 
     # Train
     rundir.set_arm_stage(run, arm, "train")
@@ -313,6 +331,7 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
     ids = [f"{probe_trajs[i].sample_id}/g{probe_trajs[i].group}" for i in chosen]
     score(probe_trajs, cfg.grpo.reward_form, cfg.grpo.tool_gain)  # the arm's training reward
     refs = save_trajectories(run, arm, probe_trajs, with_images=set(chosen))
+    _track_arm_end(tracker, cfg, evaluation, sampled, [probe_trajs[i] for i in chosen])
     if chosen:  # the same writer as ``python -m experiments.attention`` (tables + meta.json)
         write_arm(
             folder,
@@ -323,6 +342,16 @@ def _run_arm_stages(run: Path, cfg: ArmConfig, base_model: str, progress: bool) 
             chunk=cfg.measure.chunk,
             value_weighted=True,
         )
+
+
+def _track_arm_end(tracker, cfg: ArmConfig, evaluation: dict, sampled: dict, trajs: list):
+    """The held-out summary (greedy, and sampled as ``sampled/*``) and the first measured
+    trajectories (those with tool calls first) to the arm's tracker, at the last step."""
+    from train.tracking import rollout_samples
+
+    step = cfg.grpo.steps
+    tracker.log_summary({**evaluation, "sampled": sampled}, step)
+    tracker.log_rollouts(rollout_samples(trajs), step)
 
 
 def _single_image_episodes(cfg: ArmConfig, policy, agent) -> list:
@@ -458,6 +487,7 @@ def main(args: AblateArgs) -> Path:
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
         args.preset, args.data_overrides(),
     )  # fmt: skip
+    configs = [_tracked(c, args) for c in configs]
     check_args(args)
     distributed = dist.init_from_env()
     if distributed and args.launcher != "local":
@@ -502,10 +532,13 @@ def check_args(args: AblateArgs) -> None:
         RunDirError: ``--out`` cannot be this grid's run directory
             (:func:`analysis.rundir.check_run_root`: a file, under a file, another folder,
             another grid, not writable).
+        ImportError: ``--report-to``'s library is not installed (the message names the extra).
     """
     from analysis import rundir
+    from train.tracking import require
 
     check_reward(args.reward)
+    require(args.report_to)  # a missing tracker library fails first, naming its pip extra
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (arms trained at once), got {args.workers}")
     if not args.seeds or min(args.seeds) < 0:
@@ -537,6 +570,14 @@ def check_data(args: AblateArgs) -> None:
 
     check_sources(args.train_data)
     check_sources(args.eval_data, weights_allowed=False)
+
+
+def _tracked(cfg: ArmConfig, args: AblateArgs) -> ArmConfig:
+    """``cfg`` with ``--report-to`` and ``--eval-every`` applied."""
+    cfg = replace(cfg, report_to=args.report_to)
+    if args.eval_every is not None:
+        cfg = replace(cfg, eval=replace(cfg.eval, every=args.eval_every))
+    return cfg
 
 
 def _default_out(grid: str) -> Path:

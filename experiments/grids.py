@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from agent.rollout import AgentConfig
-from train.config import ArmConfig, DataConfig, GRPOConfig, MeasureConfig
+from train.config import ArmConfig, DataConfig, EvalConfig, GRPOConfig, MeasureConfig
 from train.warmup import WarmupConfig
 
 ARM_SWITCHES = {
@@ -34,6 +34,9 @@ GRIDS = {
         data=DataConfig(n_test=384),
         measure=MeasureConfig(n_trajectories=8, n_candidates=32, n_single=8),
         agent=AgentConfig(max_new_tokens=40, max_turns=4),
+        # held-out accuracy during training (eval/* rows, the app's curves): 32 greedy
+        # questions after steps 20, 40, 60 (0.8 s each on relook-tiny, one core)
+        eval=EvalConfig(every=20, n=32),
         warmup=WarmupConfig(steps=200),
     ),
     # the same arms, 2 steps, tiny eval: CI and a first look (< 3 minutes for all arms)
@@ -65,6 +68,7 @@ def arm_config(base: dict, arm: str, seed: int, model: str = "") -> ArmConfig:
         grpo=grpo,
         data=base["data"],
         measure=base["measure"],
+        eval=base.get("eval", EvalConfig()),  # smoke: off (CI time)
     )
 
 

@@ -15,6 +15,7 @@ from train.rewards import parse_reward
 ENGINES = ("torch", "deepspeed")
 ROLLOUT_SEEDING = ("batch", "group")
 ROLLOUT_BACKENDS = ("hf", "vllm")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,45 @@ class MeasureConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training (``eval/*`` and ``eval_sampled/*`` metric keys).
+
+    The first ``n`` questions of the held-out split (``DataConfig.test_seed``, the same ones
+    the arm's final evaluation starts with) are answered greedily after the update of every
+    ``every``-th step (steps ``every - 1``, ``2 * every - 1``, ...), through
+    :func:`agent.evaluation.evaluate`; with ``n_sampled`` > 0 also ``n_sampled`` episodes per
+    question at ``temperature``. Sampling runs on a forked torch stream, so the training
+    rollouts are the same with evaluation on or off.
+
+    Attributes:
+        every: steps between evaluations; 0: off (no ``eval/*`` keys in the rows).
+        n: held-out questions per evaluation.
+        n_sampled: sampled episodes per question (0: greedy only).
+        temperature: sampling temperature of those episodes.
+    """
+
+    every: int = 0
+    n: int = 16
+    n_sampled: int = 0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("every", "n_sampled"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.n < 1:
+            raise ValueError(f"EvalConfig.n must be >= 1, got {self.n}")
+        if self.n_sampled and self.temperature <= 0:
+            raise ValueError(
+                f"EvalConfig.temperature must be > 0 with n_sampled > 0, got {self.temperature}"
+            )
+
+    def due(self, step: int) -> bool:
+        """Whether the rows of ``step`` (0-based) carry an evaluation."""
+        return self.every > 0 and (step + 1) % self.every == 0
+
+
+@dataclass(frozen=True)
 class ArmConfig:
     """One arm of an ablation grid: model, agent, GRPO, data and measurement.
 
@@ -257,6 +297,11 @@ class ArmConfig:
         data: task generator settings.
         measure: attention replay settings.
         eval_temperature: sampling temperature for held-out evaluation (0 = greedy).
+        eval: held-out evaluation during training (off by default).
+        report_to: experiment tracker the per-step rows, the config and sample rollouts are
+            also logged to (TRL's ``report_to``): ``none``, ``tensorboard``, ``wandb``
+            (offline) or ``mlflow`` (file store); :mod:`train.tracking`. It changes no
+            result, so a checkpoint written under another value still resumes.
     """
 
     name: str = "full"
@@ -266,3 +311,11 @@ class ArmConfig:
     data: DataConfig = field(default_factory=DataConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     eval_temperature: float = 0.0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report_to: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise ValueError(
+                f"ArmConfig.report_to must be one of {REPORT_TO}, got {self.report_to!r}"
+            )

@@ -1,7 +1,8 @@
 """The GRPO loop for the reflect/confirm agent (METHOD.md 3-5), CPU-first, data-parallel.
 
 Reads top to bottom like CleanRL's ``ppo.py``: ``# Rollout``, ``# Advantages``, ``# Old
-log-probs``, ``# Policy update``, ``# Metrics``. I/O stays with the caller (``on_step``).
+log-probs``, ``# Policy update``, ``# Metrics``, ``# Evaluation`` (held-out, every
+``cfg.eval.every`` steps; :mod:`train.evaluation`). I/O stays with the caller (``on_step``).
 The update goes through an engine (:mod:`train.engine`: torch AdamW or DeepSpeed ZeRO-2/3).
 
 Data parallelism (a process group of world size W > 1, see :mod:`train.dist` and
@@ -59,6 +60,7 @@ from train.core_algos import (
     truncated_is_weights,
 )
 from train.engine import Engine, make_engine
+from train.evaluation import StepEvaluator
 from train.metrics import rollout_metrics
 from train.rewards import score
 from train.vllm_backend import VLLMGenerator, make_vllm_generator
@@ -171,6 +173,9 @@ def train(
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     pad_id = policy.tokenizer.pad_token_id
     data = train_stream(cfg.data)
+    evaluator = (
+        StepEvaluator(cfg, policy, eval_samples(cfg.data)) if cfg.eval.every else None
+    )
     torch.manual_seed(g.seed if rank == 0 else _seed(g.seed, rank))
     shuffle = torch.Generator().manual_seed(g.seed)  # the same on every rank
     rows: list[dict] = []
@@ -244,6 +249,9 @@ def train(
                 "timing_s/step": t_upd - t0,
             }
         )
+        # Evaluation (held-out questions every cfg.eval.every steps; off: no eval/* keys)
+        if evaluator is not None and cfg.eval.due(step):
+            row.update(evaluator(engine.full_model(), step))
         rows.append(row)
         done = step + 1
         if (
@@ -308,7 +316,7 @@ def _save(cfg, engine: Engine, shuffle, rows: list, checkpoint_dir, done: int) -
     """Checkpoint after ``done`` steps (a collective: every rank writes its rank file)."""
     model = engine.full_model()  # ZeRO-3: refreshed on every rank (a collective)
     state = {
-        "config": asdict(cfg),
+        "config": _resume_key(cfg),
         "world_size": dist.world_size(),
         "engine": None if engine.sharded_state else engine.state_dict(),
         "shuffle_rng": shuffle.get_state(),
@@ -322,6 +330,12 @@ def _save(cfg, engine: Engine, shuffle, rows: list, checkpoint_dir, done: int) -
     save_checkpoint(checkpoint_dir, done, model, state, rank_state=rank_state)
 
 
+def _resume_key(cfg: ArmConfig) -> dict:
+    """What a checkpoint must match to be resumed: the config, less ``report_to`` (where the
+    rows are also logged changes no result)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "report_to"}
+
+
 def _resume(cfg, engine: Engine, model, shuffle, checkpoint_dir, rows: list) -> int:
     """Restore the newest valid checkpoint of ``cfg``'s run into the trainer state; returns the
     step to start at (0: nothing to resume). Restored metric rows are appended to ``rows``.
@@ -333,7 +347,7 @@ def _resume(cfg, engine: Engine, model, shuffle, checkpoint_dir, rows: list) -> 
         found = latest_checkpoint(checkpoint_dir)
         if found is not None:
             state = torch.load(Path(found) / STATE, weights_only=False)
-            if state.get("config") != asdict(cfg):
+            if state.get("config") != _resume_key(cfg):
                 warnings.warn(
                     f"ignoring checkpoint {found}: it was written by a different config",
                     stacklevel=3,

@@ -48,3 +48,31 @@ def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dic
     for term in dict.fromkeys(k for t in trajs for k in t.reward_terms):
         out[f"reward/{term}"] = float(np.mean([t.reward_terms.get(term, 0.0) for t in trajs]))
     return out
+
+
+def eval_metrics(summary: dict, namespace: str = "eval") -> dict[str, float]:
+    """A held-out evaluation summary (:func:`agent.evaluation.summarize`) as metric keys.
+
+    Args:
+        summary: ``accuracy``, ``per_family``, ``answer_rate``, ``tool_call_rate``,
+            ``tool_calls``, ``failed_call_rate``, ``mean_response_length``, ``n``.
+        namespace: ``eval`` (greedy) or ``eval_sampled``.
+
+    Returns:
+        ``{ns}/acc`` (exact-match fraction), ``{ns}/acc/<family>``, ``{ns}/answer_rate``,
+        ``{ns}/tool_call_rate`` (share of episodes with a successful call),
+        ``{ns}/tool_calls_{reflect,confirm}`` (successful calls per episode),
+        ``{ns}/failed_call_rate``, ``{ns}/response_length`` (tokens), ``{ns}/n`` (episodes).
+    """
+    ns = namespace
+    out = {
+        f"{ns}/acc": float(summary["accuracy"]),
+        f"{ns}/answer_rate": float(summary["answer_rate"]),
+        f"{ns}/tool_call_rate": float(summary["tool_call_rate"]),
+        f"{ns}/failed_call_rate": float(summary["failed_call_rate"]),
+        f"{ns}/response_length": float(summary["mean_response_length"]),
+        f"{ns}/n": float(summary["n"]),
+    }
+    out.update({f"{ns}/tool_calls_{k}": float(v) for k, v in summary["tool_calls"].items()})
+    out.update({f"{ns}/acc/{k}": float(v) for k, v in summary["per_family"].items()})
+    return out

@@ -15,6 +15,10 @@ from apps.figures import training_png
 PANELS = {
     "Reward": ["rollout/reward_mean"],
     "Accuracy": ["rollout/acc_mean"],
+    # held-out evaluation during training (EvalConfig.every > 0): only steps that evaluated
+    "Held-out accuracy": ["eval/acc", "eval_sampled/acc", "eval_sampled/pass_at_n"],
+    "Held-out accuracy per family": ["eval/acc/*"],
+    "Held-out tool-call rate": ["eval/tool_call_rate", "eval_sampled/tool_call_rate"],
     "Tool calls per tool": ["rollout/tool_calls_*"],
     "Response length": ["rollout/response_length"],
     "Masked fractions": ["mask/*_frac"],

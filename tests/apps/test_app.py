@@ -167,6 +167,26 @@ def test_training_controls(run, monkeypatch):
     assert _names(_charts(at)["curve::actor/kl"]) == ["tools_none-s0"]
 
 
+def test_training_page_draws_eval_accuracy_per_arm(monkeypatch, tmp_path):
+    """With ``eval/*`` columns (EvalConfig.every > 0: values on evaluated steps, NaN between),
+    the held-out accuracy panel draws a line per arm over the evaluated steps only."""
+    run = build_run(tmp_path / "run")
+    for arm in ARMS:
+        m = rundir.load_metrics(run, [arm]).drop(columns="arm")
+        evaluated = m["step"] % 2 == 1
+        m["eval/acc"] = np.where(evaluated, 0.1 * m["step"], np.nan)
+        m["eval/acc/count"] = np.where(evaluated, 0.5, np.nan)
+        rundir.write_metrics(run, arm, m)
+    charts = _charts(_app(monkeypatch, run))
+    fig = charts["curve::eval/acc"]
+    assert fig["layout"]["title"]["text"] == "Held-out accuracy: eval/acc"
+    assert _names(fig) == ["full max", "full min", "full (mean of 2 seeds)", "tools_none-s0"]
+    line = fig["data"][-1]
+    assert list(_arr(line["x"])) == [1, 3]
+    np.testing.assert_allclose(_arr(line["y"]), [0.1, 0.3])
+    assert "curve::eval/acc/count" in charts
+
+
 def test_compare_runs_prefixes_arms(run, monkeypatch):
     other = build_run(run.parent / "run2")
     try:

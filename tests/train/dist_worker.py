@@ -15,12 +15,13 @@ import torch
 
 from agent.modeling import load_policy
 from train import dist
-from train.config import AgentConfig, ArmConfig, DataConfig, GRPOConfig
+from train.config import AgentConfig, ArmConfig, DataConfig, EvalConfig, GRPOConfig
 
 
-def config(**grpo) -> ArmConfig:
+def config(eval_every: int = 0, **grpo) -> ArmConfig:
     """Small but non-trivial: 2 prompts x 3 samples, 2 mini-batches of 3 trajectories split
-    unevenly over 2 ranks, micro-batches of 2, batch-scaled advantages, truncated IS, KL."""
+    unevenly over 2 ranks, micro-batches of 2, batch-scaled advantages, truncated IS, KL;
+    ``eval_every``: held-out evaluation on 2 questions (``EvalConfig``)."""
     base = dict(
         steps=2, prompts_per_step=2, group_size=3, mini_batches=2, micro_batch=2, lr=1e-3,
         warmup_steps=1, checkpoint_every=0, seed=6, scale_rewards="batch", tis_cap=2.0,
@@ -31,6 +32,7 @@ def config(**grpo) -> ArmConfig:
         agent=AgentConfig(tools="both", max_turns=2, max_new_tokens=16),
         grpo=GRPOConfig(**{**base, **grpo}),
         data=DataConfig(n_test=2),
+        eval=EvalConfig(every=eval_every, n=2),
     )
 
 

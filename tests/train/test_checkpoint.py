@@ -142,3 +142,24 @@ def test_checkpoint_of_another_config_is_ignored(tiny_dir, tmp_path):
     with pytest.warns(UserWarning, match="different config"):
         rows = train(other, load_policy(tiny_dir), progress=False, checkpoint_dir=ckpt)
     assert len(rows) == 1
+
+
+def test_checkpoint_resumes_under_another_report_to(tiny_dir, tmp_path):
+    """``report_to`` changes where rows are also logged, not the run: its checkpoint resumes
+    (all steps done: every row restored, none trained again); ``eval`` is part of the run."""
+    from dataclasses import replace
+
+    from train.config import EvalConfig
+
+    ckpt = tmp_path / "c"
+    rows = train(_cfg(), load_policy(tiny_dir), progress=False, checkpoint_dir=ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train(
+            replace(_cfg(), report_to="tensorboard"), load_policy(tiny_dir), progress=False,
+            checkpoint_dir=ckpt,
+        )  # fmt: skip
+    assert again == rows
+    with pytest.warns(UserWarning, match="different config"):
+        train(replace(_cfg(), eval=EvalConfig(every=5)), load_policy(tiny_dir), progress=False,
+              checkpoint_dir=ckpt)  # fmt: skip

@@ -230,6 +230,19 @@ def test_two_processes_match_one_on_policy(tmp_path):
 
 
 @needs_tiny
+@pytest.mark.slow  # a 2-process ZeRO-3 launch: ~40 s on 2 busy cores
+def test_two_processes_evaluate_during_training(tmp_path, one_process_rows):
+    """``eval_every`` under ZeRO-3 (the full model is a collective; rank 0 evaluates and
+    broadcasts): ``eval/*`` keys in every row, the rest as without evaluation."""
+    got = _torchrun(tmp_path, {"engine": "deepspeed", "zero_stage": 3, "eval_every": 1}, "ev")
+    assert [len(set(ranks)) for ranks in got["sha256"]] == [1, 1]
+    assert all(r["eval/n"] == 2.0 and 0 <= r["eval/acc"] <= 1 for r in got["rows"])
+    kept = [{k: v for k, v in r.items() if not k.startswith("eval")} for r in got["rows"]]
+    assert_rows_close([{k: v for k, v in r.items() if k != "timing_s/eval"} for r in kept],
+                      one_process_rows)  # fmt: skip
+
+
+@needs_tiny
 @pytest.mark.slow  # two 2-process launches: 40-60 s on 2 busy cores
 def test_two_process_zero2_resume_round_trips(tmp_path):
     """Each rank saves and restores its own ZeRO-2 partition and RNG (rank-0000{0,1}.pt)."""
