@@ -173,9 +173,7 @@ def train(
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     pad_id = policy.tokenizer.pad_token_id
     data = train_stream(cfg.data)
-    evaluator = (
-        StepEvaluator(cfg, policy, eval_samples(cfg.data)) if cfg.eval.every else None
-    )
+    evaluator = StepEvaluator(cfg, policy, eval_samples(cfg.data)) if cfg.eval.every else None
     torch.manual_seed(g.seed if rank == 0 else _seed(g.seed, rank))
     shuffle = torch.Generator().manual_seed(g.seed)  # the same on every rank
     rows: list[dict] = []
