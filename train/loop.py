@@ -173,7 +173,10 @@ def train(
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     pad_id = policy.tokenizer.pad_token_id
     data = train_stream(cfg.data)
-    evaluator = StepEvaluator(cfg, policy, eval_samples(cfg.data)) if cfg.eval.every else None
+    evaluator = None
+    if cfg.eval.every:  # generated questions: eval.n of them, whatever n_test is
+        held_out = replace(cfg.data, n_test=cfg.eval.n) if not cfg.data.eval_data else cfg.data
+        evaluator = StepEvaluator(cfg, policy, eval_samples(held_out))
     torch.manual_seed(g.seed if rank == 0 else _seed(g.seed, rank))
     shuffle = torch.Generator().manual_seed(g.seed)  # the same on every rank
     rows: list[dict] = []
