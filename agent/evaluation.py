@@ -1,4 +1,4 @@
-"""Held-out evaluation of the agent on the offline task set (METHOD.md 7)."""
+"""Held-out evaluation of the agent on the offline task set (docs/method.md §7)."""
 
 from __future__ import annotations
 

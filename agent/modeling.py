@@ -1,14 +1,14 @@
 """Build, save and load Qwen2.5-VL policies: the tiny local model and any checkpoint directory.
 
 The tiny model is a real ``transformers`` ``Qwen2_5_VLForConditionalGeneration`` built from a
-shrunken ``Qwen2_5_VLConfig`` (OFFLINE.md), with a compact byte-level BPE tokenizer trained
+shrunken ``Qwen2_5_VLConfig`` (docs/gotchas.md), with a compact byte-level BPE tokenizer trained
 locally on relook's prompt language and the Qwen2.5-VL special tokens, and the stock PIL
 ``Qwen2VLImageProcessorPil``. Everything is written with ``save_pretrained`` and read back with
 ``from_pretrained(path)``, exactly as a real Qwen2.5-VL-3B/7B checkpoint directory is.
 
 Why not the stock ``Qwen2_5_VLProcessor``: it cannot be built without torchvision (its video
-processor), which must never be installed on the CPU machines (OFFLINE.md). relook builds every
-prompt from token ids itself (DESIGN.md decision 2), so it only needs the tokenizer and the image
+processor), which must never be installed on the CPU machines (docs/gotchas.md). relook builds every
+prompt from token ids itself (docs/design.md decision 2), so it only needs the tokenizer and the image
 processor, loaded side by side by :func:`load_policy` from any Qwen2-VL/Qwen2.5-VL directory.
 """
 
@@ -109,7 +109,7 @@ _CORPUS_WORDS = (
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape of a tiny Qwen2.5-VL built from scratch (OFFLINE.md "Tiny Qwen2.5-VL built locally").
+    """Shape of a tiny Qwen2.5-VL built from scratch (docs/gotchas.md "Tiny Qwen2.5-VL built locally").
 
     Attributes:
         text_layers: decoder layers.
@@ -263,7 +263,7 @@ def tiny_config(
         raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = spec.hidden // spec.heads
-    quarter = head_dim // 4  # mrope_section must sum to head_dim / 2 (OFFLINE.md)
+    quarter = head_dim // 4  # mrope_section must sum to head_dim / 2 (docs/gotchas.md)
     mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
     text = dict(
         vocab_size=len(tokenizer),
@@ -373,7 +373,7 @@ class Policy:
 
     @property
     def vision_token_ids(self) -> list[int]:
-        """Ids of the four vision special tokens that the policy must never sample (METHOD.md 2)."""
+        """Ids of the four vision special tokens that the policy must never sample (docs/method.md §2)."""
         return [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
 
 

@@ -1,7 +1,7 @@
-"""Prompt and observation turns as token ids (Qwen2.5-VL chat format; METHOD.md 2).
+"""Prompt and observation turns as token ids (Qwen2.5-VL chat format; docs/method.md §2).
 
 Every piece is encoded separately and concatenated, so the boundaries of images, prompt and
-observations are exact and nothing is ever re-tokenised (DESIGN.md decision 2). Tool results go
+observations are exact and nothing is ever re-tokenised (docs/design.md decision 2). Tool results go
 into a **user** turn: Qwen's chat templates drop images inside ``tool``-role messages.
 
 Only the template's own control tokens (``<|im_start|>``, ``<|im_end|>``, tags, the image runs)

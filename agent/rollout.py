@@ -1,4 +1,4 @@
-"""Multi-turn agent rollouts behind a generator interface (METHOD.md 2; DESIGN.md data flow).
+"""Multi-turn agent rollouts behind a generator interface (docs/method.md §2; docs/design.md data flow).
 
 ``rollout`` steps many episodes in lock-step, one assistant turn at a time, so a backend can
 batch them: ``HFGenerator`` (transformers ``generate``, CPU) here, a vLLM backend on GPU
@@ -27,7 +27,7 @@ TOOL_SETS = {
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """How the agent runs an episode (METHOD.md 2).
+    """How the agent runs an episode (docs/method.md §2).
 
     Attributes:
         tools: ablation switch: ``"none"`` (no tools advertised; single turn), ``"reflect"``,
@@ -105,7 +105,7 @@ class HFGenerator:
     floating-point sums, so batched and single-sequence log-probs agree to about 1e-5 nats, not
     bit for bit; the trainer recomputes log-probs anyway (truncated IS corrects the gap).
 
-    The four vision special tokens are suppressed at sampling time (OFFLINE.md: a young policy
+    The four vision special tokens are suppressed at sampling time (docs/gotchas.md: a young policy
     samples ``<|image_pad|>`` and the next forward fails). Sampling is from the full
     distribution (``top_k=0``, ``top_p=1``) so that trainer log-probs match rollout log-probs.
 
@@ -253,7 +253,7 @@ class Agent:
         return GenRequest(traj.token_ids, pv, grid, [r.image for r in traj.images])
 
     def step(self, ep: _Episode, result: GenResult, turn: int) -> None:
-        """Append one sampled turn, parse it, run a tool or finish (stop rules of METHOD.md 2).
+        """Append one sampled turn, parse it, run a tool or finish (stop rules of docs/method.md §2).
 
         Never raises on what the policy wrote. A turn whose sampled ids break the image runs
         (a sampled ``<|image_pad|>`` or ``<|vision_start|>``, which the next forward would fail

@@ -1,4 +1,4 @@
-"""The agent's two visual tools, ``reflect`` and ``confirm`` (IMAgent, arXiv 2512.08980; METHOD.md 2).
+"""The agent's two visual tools, ``reflect`` and ``confirm`` (IMAgent, arXiv 2512.08980; docs/method.md §2).
 
 A tool call is parsed from the policy's text; every failure (bad JSON, unknown tool, bad image
 index, bad box) is returned as data, a :class:`ToolResult` with ``ok=False`` and an
@@ -35,7 +35,7 @@ TOOL_SCHEMAS = {
     },
 }
 
-MIN_BOX_PX = 4  # pixels in the model frame (METHOD.md 2)
+MIN_BOX_PX = 4  # pixels in the model frame (docs/method.md §2)
 MAX_ASPECT = 50.0  # crops more elongated than this are refused; Qwen's smart_resize refuses > 200
 
 

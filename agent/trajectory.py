@@ -1,6 +1,6 @@
 """``Trajectory``: one multi-turn episode as token ids, images in order, loss mask, events, reward.
 
-Token ids are the trainer track (DESIGN.md decision 2): each image appears as
+Token ids are the trainer track (docs/design.md decision 2): each image appears as
 ``<|vision_start|>`` + ``<|image_pad|>`` x (t*h*w / merge**2) + ``<|vision_end|>``, exactly what
 the model's forward expects. Later turns are appended as ids, never re-tokenised from text.
 """
@@ -142,7 +142,7 @@ class Trajectory:
         flags: ``truncated`` (ended without answer: turn/context limit), ``void_turn``,
             ``failed_call``, ``over_budget`` (image budget), ``bad_image_tokens`` (image runs
             that do not match the images, :func:`image_token_problem`: never forwarded).
-        acc, fmt, used: verification outcome (METHOD.md 5; :func:`agent.verifiers.verify_trajectory`,
+        acc, fmt, used: verification outcome (docs/method.md §5; :func:`agent.verifiers.verify_trajectory`,
             filled by the rollout): answer score in [0, 1], -1/0 format, 1/0 tool use.
         reward: the trainer's reward (``train.rewards.score``); None until it is scored.
         reward_terms: the unweighted value of each reward term, by term name (empty until
@@ -212,7 +212,7 @@ class Trajectory:
         Returns:
             ``input_ids [1, pos]``, ``attention_mask [1, pos]``, ``mm_token_type_ids [1, pos]``
             (1 on image pads: without it Qwen2.5-VL silently falls back to 1-D positions,
-            OFFLINE.md), and ``pixel_values [patches, dim]`` / ``image_grid_thw [images, 3]``
+            docs/gotchas.md), and ``pixel_values [patches, dim]`` / ``image_grid_thw [images, 3]``
             when there are images.
         """
         ids = torch.tensor([self.token_ids], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Answer verifiers: how right a free-text answer is, as a float in [0, 1] (METHOD.md 5).
+"""Answer verifiers: how right a free-text answer is, as a float in [0, 1] (docs/method.md §5).
 
 A verifier is ``verifier(prediction, gold) -> float``: ``prediction`` is the agent's
 ``<answer>`` text (``None`` when it gave none, which scores 0), ``gold`` the sample's reference
@@ -313,7 +313,7 @@ def verify(prediction: str | None, gold: str, answer_type: str) -> float:
 
 
 def verify_trajectory(traj: Trajectory) -> None:
-    """Fill the verification outcome of a finished episode (METHOD.md 5), in place.
+    """Fill the verification outcome of a finished episode (docs/method.md §5), in place.
 
     ``acc``: :func:`verify` of the answer (0 without one); ``fmt``: -1.0 when the episode
     ended without an answer or holds a void turn or a failed call, else 0.0; ``used``: 1.0 when

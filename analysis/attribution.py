@@ -1,4 +1,4 @@
-"""Causal checks beside attention: image-presence attribution and attention knockout (METHOD.md 6).
+"""Causal checks beside attention: image-presence attribution and attention knockout (docs/method.md §6).
 
 Attention shares say where the answer's queries looked; these measures say what the answer needed.
 All of them score one replayed trajectory (the ``inputs`` of :func:`analysis.replay.replay_attention`:

@@ -1,4 +1,4 @@
-"""Attention beside the causal measures (METHOD.md 6): per (trajectory, image), the answer
+"""Attention beside the causal measures (docs/method.md §6): per (trajectory, image), the answer
 tokens' attention share next to the image-presence attributions and attention knockouts of
 :mod:`analysis.attribution`, and the Spearman rank agreement between them.
 

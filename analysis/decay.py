@@ -3,7 +3,7 @@ the image-share curve, per group and pooled with bootstrap intervals over trajec
 
 Input: the long attention table of :mod:`analysis.metrics` (one row per trajectory, token,
 layer, head and region); the image share s[j, t] is :func:`analysis.metrics.image_token_shares`.
-IMAgent (Dong et al., arXiv 2512.08980) Figure 1 shows this decay; METHOD.md section 6.
+IMAgent (Dong et al., arXiv 2512.08980) Figure 1 shows this decay; docs/method.md §6.
 """
 
 from __future__ import annotations

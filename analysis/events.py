@@ -4,7 +4,7 @@ share aligned on the call, and clustered-bootstrap intervals of the mean change.
 An event is a tool call's result in a trajectory, at generated token e (the first policy token
 after the result; :func:`analysis.rundir.load_attention_events`). Input: the long attention
 table of :mod:`analysis.metrics`. IMAgent (Dong et al., arXiv 2512.08980) asks whether looking
-again (``reflect``, ``confirm``) restores image attention; METHOD.md section 6.
+again (``reflect``, ``confirm``) restores image attention; docs/method.md §6.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def event_aligned_share(
     0 are before the call's result, 0 and above after it; an event whose trajectory has no
     measured token e + o does not count at o. The mean over the offsets -window..-1 of one
     event is its ``before`` of :func:`before_after`. IMAgent (Dong et al., arXiv 2512.08980)
-    and METHOD.md section 6 motivate the view: does looking again restore image attention?
+    and docs/method.md §6 motivate the view: does looking again restore image attention?
 
     Args:
         att: long attention table.

@@ -10,7 +10,7 @@ coloured by :mod:`analysis.arms`, as in the app's plotly views.
 ``python -m experiments.figures`` composes them from run directories (with the ablation table of
 :mod:`analysis.tables`); the app can call :func:`to_png_bytes` on any of them.
 
-Figures (IMAgent, Dong et al., arXiv 2512.08980, Figure 1, and METHOD.md section 6):
+Figures (IMAgent, Dong et al., arXiv 2512.08980, Figure 1, and docs/method.md §6):
 
 - :func:`attention_shares_figure`: shares of attention to text, images, generated tokens (and
   tool text) versus generated-token index; rows = models (base, trained), columns = settings

@@ -1,5 +1,5 @@
 """Hooked VLM wrappers on nnsight: canonical hook names per model family, run-with-cache, and
-region recording during generation (METHOD.md section 6; STYLE.md: TransformerLens names,
+region recording during generation (docs/method.md §6; docs/design.md#style: TransformerLens names,
 nnsight tracing).
 
 One :class:`FamilyAdapter` per model family maps relook's canonical hook names to the family's
@@ -23,7 +23,7 @@ those values inside nnsight traces. Canonical names and shapes (``L``: decoder l
 
 The ``attn.hook_q/k/v/mask/z/pattern`` values are the arguments and results of the attention
 function call inside the attention module (``.source.attention_interface_1`` in nnsight 0.8,
-OFFLINE.md), so they are the same under SDPA, eager or any registered backend; ``hook_pattern``
+docs/gotchas.md), so they are the same under SDPA, eager or any registered backend; ``hook_pattern``
 exists only when the backend returns weights (eager). nnsight removes its hooks when a trace
 exits, exceptions included.
 

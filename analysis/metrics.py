@@ -1,4 +1,4 @@
-"""Attention metrics: pure pandas functions on the long attention table (METHOD.md section 6).
+"""Attention metrics: pure pandas functions on the long attention table (docs/method.md §6).
 
 The input is the table of :meth:`analysis.replay.AttentionRecord.to_frame` (as stored by
 :func:`analysis.rundir.write_attention`), one row per (trajectory, token, layer, head, region)::
@@ -60,7 +60,7 @@ def region_group(region: str) -> str:
     """Figure-1 group of a key region: "text", "image", "generated" or "tool_text".
 
     text = sink + system + user_text + image_wrap; image = every "image:{k}" (input and tool
-    images alike); generated = generated + self; tool_text is reported apart (METHOD.md 6).
+    images alike); generated = generated + self; tool_text is reported apart (docs/method.md §6).
     The vision start/end wrapper tokens (``image_wrap``) carry no pixels, so they count as text.
     Raises ValueError for an unknown region.
     """

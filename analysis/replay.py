@@ -1,4 +1,4 @@
-"""Attention mass per key region for every generated token, by replay (METHOD.md section 6).
+"""Attention mass per key region for every generated token, by replay (docs/method.md §6).
 
 One teacher-forced forward over a finished trajectory's exact ids, images and multimodal
 positions. By causality, query row ``p - 1`` of that forward is the attention of the decode step
@@ -435,7 +435,7 @@ def replay_attention(
     """Attention mass per key region for every generated token, from one teacher-forced forward.
 
     ``mass[t, l, h, r] = sum_{k in r} softmax(q_{p_t - 1} k^T * scaling + causal)[h, k]`` in fp32 for
-    the t-th generated position ``p_t``, the query's own key counted as ``self`` (METHOD.md 6).
+    the t-th generated position ``p_t``, the query's own key counted as ``self`` (docs/method.md §6).
     ``value_weighted`` adds ``attn * ||v_k||`` renormalised per row (Kobayashi et al. 2020).
 
     Args:

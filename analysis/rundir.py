@@ -1,6 +1,6 @@
 """The run directory: the on-disk contract between training, the app and the figures.
 
-Layout (DESIGN.md decision 5)::
+Layout (docs/design.md decision 5)::
 
     RUN/
       manifest.json              relook_version, created, grid, arms, seeds, versions, status,

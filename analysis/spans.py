@@ -1,4 +1,4 @@
-"""Region span map of a trajectory's key positions, derived from token ids only (METHOD.md section 6).
+"""Region span map of a trajectory's key positions, derived from token ids only (docs/method.md §6).
 
 Every key position of a finished trajectory belongs to exactly one region::
 
@@ -11,7 +11,7 @@ Every key position of a finished trajectory belongs to exactly one region::
     tool_text   every other position at or after ``prompt_len`` (observations, chat glue)
 
 plus ``self``, which is no key label: the replay assigns it per query row to the query's own key.
-The analysis never imports the agent (DESIGN.md): spans come from ids and the tokenizer's
+The analysis never imports the agent (docs/design.md): spans come from ids and the tokenizer's
 special-token ids, so any rollout engine's trajectory can be mapped.
 """
 

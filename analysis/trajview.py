@@ -2,7 +2,7 @@
 calls in order (the app's trajectory viewer and the notebook use these).
 
 Input is one record of ``trajectories.jsonl`` (:func:`analysis.rundir.load_trajectories`), as
-written by ``agent.trajectory.Trajectory`` (DESIGN.md decision 2: token ids, not text)::
+written by ``agent.trajectory.Trajectory`` (docs/design.md decision 2: token ids, not text)::
 
     token_ids      [pos] processor-expanded ids (one <|image_pad|> per merged image patch)
     response_mask  [pos] 1 on tokens the policy sampled

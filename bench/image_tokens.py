@@ -3,7 +3,7 @@ and evaluation time of relook-tiny-shaped models.
 
 relook-tiny shows a 224 px scene at 112 px with 14 px patches merged 2x2: 16 image tokens per
 image, 64 vision patches. Its tower cannot read MNIST digits (linear probes of its features:
-0.18 on photos); 7 px patches learn digits faster (``shared/OFFLINE.md``) but give 256 patches
+0.18 on photos); 7 px patches learn digits faster (``docs/gotchas.md``) but give 256 patches
 and 64 image tokens per image. Each spec (``--specs``, ``patch:merge``, all other fields as
 relook-tiny's ``RELOOK_TINY_SPEC``) is built with random weights and timed on CPU, one thread:
 

@@ -1,9 +1,9 @@
 """``python -m experiments.ablate``: train, evaluate and measure every arm of an ablation grid.
 
-For each arm (METHOD.md switches ``tools``, ``mask_tokens``, ``mask_trajectories``,
+For each arm (docs/method.md switches ``tools``, ``mask_tokens``, ``mask_trajectories``,
 ``tool_gain``) and seed: GRPO training from the same base model, held-out evaluation on the
 offline test split, and attention replay of held-out trajectories; everything goes to a run
-directory (DESIGN.md decision 5) that the Streamlit app and the figure scripts read.
+directory (docs/design.md decision 5) that the Streamlit app and the figure scripts read.
 
 Examples:
     python -m experiments.ablate                         # default grid on relook-tiny, 2 cores
@@ -95,7 +95,7 @@ class AblateArgs:
             a spread).
         arms: subset of arms (default all of ``base full tools_none masks_off gain0``).
         steps: override the grid's GRPO steps (0 keeps them).
-        workers: arms trained in parallel processes (1 thread each; OFFLINE.md: two 1-thread
+        workers: arms trained in parallel processes (1 thread each; docs/gotchas.md: two 1-thread
             jobs beat one 2-thread job on this machine). Ignored (1) under a distributed launch.
         progress: show progress bars.
         engine: override the grid's update engine: ``torch`` or ``deepspeed`` (None: keep).

@@ -1,4 +1,4 @@
-"""``python -m experiments.attention``: attention of finished trajectories, by replay (METHOD.md 6).
+"""``python -m experiments.attention``: attention of finished trajectories, by replay (docs/method.md §6).
 
 Reads trajectories saved by any relook run (``trajectories.jsonl`` + the PNG images beside it,
 from any rollout engine), replays each through the model in one teacher-forced forward, and

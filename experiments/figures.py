@@ -1,5 +1,5 @@
 """``python -m experiments.figures``: the paper's figures and the ablation table, from run
-directories only (DESIGN.md decision 5; builders in :mod:`analysis.figures` and
+directories only (docs/design.md decision 5; builders in :mod:`analysis.figures` and
 :mod:`analysis.tables`, reductions in :mod:`analysis.metrics`).
 
 Writes into ``--out``, each as PDF and PNG (``--formats``), in one shared style:
@@ -64,7 +64,7 @@ class FiguresArgs:
         formats: image formats of every figure.
         base: arm of the base model without RL in the Figure-1 comparison.
         trained: the trained arm compared with it.
-        window: tokens per side of a tool call for the before/after figure (METHOD.md 6).
+        window: tokens per side of a tool call for the before/after figure (docs/method.md §6).
         kind: attention variant (``analysis.metrics.KINDS``): raw, no_sink, value, efficiency.
         min_trajectories: tokens reached by fewer trajectories are cut from the curves (their
             mean is noise).

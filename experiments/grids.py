@@ -1,4 +1,4 @@
-"""Ablation grids: named lists of arms (METHOD.md 3-5 switches), each a full :class:`ArmConfig`.
+"""Ablation grids: named lists of arms (docs/method.md §3-5 switches), each a full :class:`ArmConfig`.
 
 The default grid has five arms per seed: ``base`` (no training: the reference the others
 start from), ``full`` (tools both, both masks, gain 0.5),

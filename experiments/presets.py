@@ -8,8 +8,8 @@ The arm switches (tools, masks, tool gain, seed) are applied last, per arm.
 
 Every value cites its source:
 
-- **[paper]** IMAgent (arXiv 2512.08980; METHOD.md 1): Qwen2.5-VL-7B-Instruct, pure RL.
-- **[METHOD]** relook's documented defaults (METHOD.md 2-5).
+- **[paper]** IMAgent (arXiv 2512.08980; docs/method.md §1): Qwen2.5-VL-7B-Instruct, pure RL.
+- **[METHOD]** relook's documented defaults (docs/method.md §2-5).
 - **[DeepEyes]** the DeepEyes 7B recipe (arXiv 2505.14362), ``examples/agent/
   final_merged_v1v8_thinklite.sh`` of ChenShawn/DeepEyes (read from the unmodified fork
   zyang6/DeepEyes at commit 17681d8): verl ``main_ppo`` with ``data.train_batch_size=256``,
@@ -46,7 +46,7 @@ from train.config import GRPOConfig
 
 def vllm_available() -> bool:
     """Whether the vLLM rollout backend can run here: ``vllm`` importable and a CUDA GPU
-    (OFFLINE.md: vLLM's Qwen-VL path does not run on CPU)."""
+    (docs/gotchas.md: vLLM's Qwen-VL path does not run on CPU)."""
     if importlib.util.find_spec("vllm") is None:
         return False
     import torch
@@ -98,7 +98,7 @@ _GRPO = dict(
     reward_form="imagent",  # [METHOD 5] acc * (1 + g * used) + 0.2 * fmt
     tool_gain=0.5,  # [METHOD 5] g = 0.5
     checkpoint_every=8,  # [DeepEyes] trainer.save_freq=8
-    engine="deepspeed",  # [default] DeepSpeed ZeRO in place of DeepEyes' FSDP (DESIGN.md)
+    engine="deepspeed",  # [default] DeepSpeed ZeRO in place of DeepEyes' FSDP (docs/design.md)
     gradient_checkpointing=True,  # [verl] enable_gradient_checkpointing default True
     rollout_seeding="group",  # [default] rollouts independent of the number of processes
     steps=80,  # [default] a first run; DeepEyes' schedule is epochs over 47k prompts

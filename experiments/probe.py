@@ -4,7 +4,7 @@ Writes one JSON with single-image perception per kind at three target scales, th
 families without tools (per family and per target size), the protocol use of sampled first
 turns with tools advertised, and the base model's attention curves: image share versus
 generated-token index for single-image and multi-image questions, and image share before and
-after tool calls (METHOD.md 6). Held-out test split throughout. The long attention tables go
+after tool calls (docs/method.md §6). Held-out test split throughout. The long attention tables go
 to ``<out>.attention.parquet`` and ``<out>.events.parquet`` (column ``setting``).
 
 Example:

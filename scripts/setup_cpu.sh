@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -c .venv/relook-constraints.txt -e ".[all]"
 if .venv/bin/python -c "import torchvision" 2>/dev/null; then
-  echo "torchvision is installed in .venv: it breaks transformers' image processors on CPU (OFFLINE.md); removing" >&2
+  echo "torchvision is installed in .venv: it breaks transformers' image processors on CPU (docs/gotchas.md); removing" >&2
   .venv/bin/pip uninstall -y -q torchvision
 fi
 .venv/bin/python -c "import torch, transformers; print('relook env ready: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,4 +1,4 @@
-"""From trajectories to per-token tensors: loss weights, log-probs (DESIGN.md data flow).
+"""From trajectories to per-token tensors: loss weights, log-probs (docs/design.md data flow).
 
 Trajectories have different images, so each is one micro-batch (batch 1) through the model;
 the token-mean normaliser is the global count of weighted tokens of the mini-batch, so the
@@ -14,7 +14,7 @@ from agent.trajectory import Trajectory, image_token_problem
 
 
 def loss_weights(traj: Trajectory, mask_tokens: bool, mask_trajectories: bool) -> torch.Tensor:
-    """Per-position loss weight of ``traj`` under the two-level mask (METHOD.md 4).
+    """Per-position loss weight of ``traj`` under the two-level mask (docs/method.md §4).
 
     Level 1 (``mask_tokens``): weight 1 only where ``response_mask`` is 1 (tokens the policy
     sampled); with it off, every position after the prompt (observation text and tool images

@@ -1,4 +1,4 @@
-"""The config tree: one typed dataclass per concern, every ablation switch a field (DESIGN.md 6).
+"""The config tree: one typed dataclass per concern, every ablation switch a field (docs/design.md decision 6).
 
 After TRL's ``GRPOConfig``: each field documented once with its unit and source; impossible
 combinations rejected in ``__post_init__`` with a message naming the field and value.
@@ -20,12 +20,12 @@ REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """GRPO optimisation, masks and reward (METHOD.md 3-5).
+    """GRPO optimisation, masks and reward (docs/method.md §3-5).
 
     Attributes:
         steps: policy-update steps (one rollout batch each); 0 evaluates the base model as is.
         prompts_per_step: prompts (GRPO groups) per step.
-        group_size: G, trajectories sampled per prompt (METHOD.md default 8).
+        group_size: G, trajectories sampled per prompt (docs/method.md default 8).
         mini_batches: optimizer steps per rollout batch; >1 makes later mini-batches
             off-policy, which is where the clip acts.
         lr: AdamW learning rate.
@@ -184,7 +184,7 @@ class GRPOConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The offline multi-image task set (METHOD.md 7).
+    """The offline multi-image task set (docs/method.md §7).
 
     Attributes:
         families: task families (empty: all).
@@ -219,7 +219,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """Attention measurement by replay after training (METHOD.md 6).
+    """Attention measurement by replay after training (docs/method.md §6).
 
     Trajectories to replay are sampled afresh on held-out questions at ``temperature``
     (greedy evaluation rarely calls tools), and those with successful tool calls are replayed

@@ -1,4 +1,4 @@
-"""Pure GRPO math: group advantages, clipped policy loss, KL, loss aggregation (METHOD.md 3).
+"""Pure GRPO math: group advantages, clipped policy loss, KL, loss aggregation (docs/method.md §3).
 
 Tensor functions with explicit arguments, after verl's ``trainer/ppo/core_algos.py``
 (``compute_grpo_outcome_advantage``, ``agg_loss``, ``kl_penalty``) and TRL's ``GRPOTrainer``;
@@ -23,7 +23,7 @@ def group_advantages(
     """GRPO outcome advantage ``A_i = (r_i - mean_group(r)) / (std_group(r) + eps)``.
 
     Every trajectory of a group counts in its mean and std, including trajectories that the
-    trajectory-level mask later gives zero loss weight (METHOD.md 3: masked trajectories still
+    trajectory-level mask later gives zero loss weight (docs/method.md §3: masked trajectories still
     shape the baseline; only their loss weight is zero).
 
     Args:

@@ -22,7 +22,7 @@ gradient of the global loss (token-mean over the global token count).
   backward and so needs every rank to run the same number of backward passes; an explicit
   all-reduce lets a rank whose share of a mini-batch is smaller (or empty) skip them.
 - :class:`DeepSpeedEngine`: ``deepspeed.initialize`` with the client ``torch.optim.AdamW``
-  (OFFLINE.md: DeepSpeed's own Adam JIT-compiles for minutes on CPU), the same schedule as a
+  (docs/gotchas.md: DeepSpeed's own Adam JIT-compiles for minutes on CPU), the same schedule as a
   client callable, and a config from :func:`deepspeed_config` (ZeRO stage 2 or 3, gradient
   clipping, bf16 only when CUDA is available, fp32 on CPU). ZeRO-2/3 reduce gradients inside
   every backward, so every rank must call :meth:`DeepSpeedEngine.backward` equally often per

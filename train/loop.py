@@ -1,4 +1,4 @@
-"""The GRPO loop for the reflect/confirm agent (METHOD.md 3-5), CPU-first, data-parallel.
+"""The GRPO loop for the reflect/confirm agent (docs/method.md §3-5), CPU-first, data-parallel.
 
 Reads top to bottom like CleanRL's ``ppo.py``: ``# Rollout``, ``# Advantages``, ``# Old
 log-probs``, ``# Policy update``, ``# Metrics``, ``# Evaluation`` (held-out, every
@@ -196,7 +196,7 @@ def train(
         policy_now = engine.full_model().eval()
         trajs = _rollout(agent, generator, samples, groups, g, step)
         flag_bad_image_tokens(trajs, agent.prompts.ids.vision, agent.merge)  # before any forward
-        # Rewards (the trainer weighs each verified outcome into a reward, METHOD.md 5)
+        # Rewards (the trainer weighs each verified outcome into a reward, docs/method.md §5)
         score(trajs, g.reward_form, g.tool_gain)
         if isinstance(generator, VLLMGenerator):
             generator.sleep()  # colocated: the GPU goes to the old-log-prob pass and the update

@@ -1,4 +1,4 @@
-"""Per-step metrics of a GRPO batch, keyed ``namespace/name`` (STYLE.md)."""
+"""Per-step metrics of a GRPO batch, keyed ``namespace/name`` (docs/design.md#style)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rewards: weighted sums of named reward terms, computed by the trainer (METHOD.md 5).
+"""Rewards: weighted sums of named reward terms, computed by the trainer (docs/method.md §5).
 
 A reward term is ``term(traj) -> float``, read off a verified trajectory (``acc``, ``fmt``,
 ``used``: :func:`agent.verifiers.verify_trajectory`). A reward is a weighted sum of terms,

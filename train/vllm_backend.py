@@ -1,11 +1,11 @@
-"""vLLM rollout backend for Qwen2.5-VL, colocated with the trainer (DESIGN.md: GPU path).
+"""vLLM rollout backend for Qwen2.5-VL, colocated with the trainer (docs/design.md: GPU path).
 
 :class:`VLLMGenerator` implements :class:`agent.rollout.Generator` on a vLLM ``LLM`` in the
 trainer's own process, as TRL's ``vllm_mode="colocate"`` does (``trl/generation/
 vllm_generation.py``): token ids in, sampled token ids and their log-probs out, so multi-turn
-episodes are built by appending ids (DESIGN.md decision 2), never by re-tokenising text.
+episodes are built by appending ids (docs/design.md decision 2), never by re-tokenising text.
 
-Two tracks (DESIGN.md decision 2). The trainer track (``Trajectory.token_ids``) holds every
+Two tracks (docs/design.md decision 2). The trainer track (``Trajectory.token_ids``) holds every
 image as ``<|vision_start|>`` + ``<|image_pad|>`` x (t*h*w / merge**2) + ``<|vision_end|>``;
 vLLM takes one ``<|image_pad|>`` per image plus the image itself and expands the pad with its
 own copy of the image processor. :func:`collapse_image_pads` / :func:`expand_image_pads` convert
@@ -22,7 +22,7 @@ so syncing after each of those steps too would load weights that are overwritten
 
 Sampling matches :class:`agent.rollout.HFGenerator`: the full distribution (``top_k=0``,
 ``top_p=1``, no repetition penalty, the checkpoint's ``generation_config`` ignored), the four
-vision special tokens banned (``bad_words``; METHOD.md 2), stop on ``<|im_end|>`` only, and the
+vision special tokens banned (``bad_words``; docs/method.md §2), stop on ``<|im_end|>`` only, and the
 sampled token's log-prob after those constraints and the temperature
 (``logprobs_mode="processed_logprobs"``), which is what HF's ``output_scores`` give. The
 remaining engine/trainer gap (bf16 kernels, image preprocessing) is measured as
@@ -32,7 +32,7 @@ Written against vLLM 0.33 (the newest release when written): ``vllm.LLM`` (``gen
 ``sleep``, ``wake_up(tags=...)``, ``apply_model``, ``reset_prefix_cache``),
 ``vllm.SamplingParams`` and the ``TokensPrompt`` dict form. ``vllm`` is imported lazily, only by
 :func:`make_vllm_generator`: CPU installs never need it (vLLM's Qwen-VL cannot run on CPU,
-OFFLINE.md). Everything but the engine itself is tested on CPU with a stand-in ``LLM``
+docs/gotchas.md). Everything but the engine itself is tested on CPU with a stand-in ``LLM``
 (tests/train/test_vllm_backend.py); the real-engine checks are ``gpu``-marked
 (tests/train/test_vllm_gpu.py).
 """

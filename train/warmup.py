@@ -6,7 +6,7 @@ with a scripted "teacher" generator: ``<think>...</think>`` then either a syntac
 ``<answer>`` whose value is drawn **at random** from the question's answer space. The policy
 learns to speak the protocol (so GRPO sees answers, tool calls and reward variance) but gains
 no information about which answer is right or when a tool helps: discovering that is left to
-RL (METHOD.md 1: pure end-to-end RL, no SFT on task solutions).
+RL (docs/method.md §1: pure end-to-end RL, no SFT on task solutions).
 
 Loss: token-mean negative log-likelihood over tokens the policy would have sampled
 (``response_mask``), exactly the level-1 mask of GRPO.

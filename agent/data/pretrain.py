@@ -9,7 +9,7 @@ answer (default; a pretrained VLM answers such questions as well as its
 perception allows) or a randomly drawn one (``family_answers="random"``), and sometimes a
 **random** valid tool call first, so the base knows the answer space and the protocol but was
 never shown when or where a tool helps: that is left to RL, as in IMAgent's pure end-to-end RL
-from a pretrained base (METHOD.md 1).
+from a pretrained base (docs/method.md §1).
 
 Every example is deterministic from ``(seed, index, step fraction)``.
 """
@@ -111,7 +111,7 @@ def _describe(obj: dict | None) -> str:
 
 def _scene(rng, split: str, n: int, cfg: TaskConfig, plain: float = 0.0) -> Scene:
     """A scene whose backgrounds are, with probability ``plain`` each, flat noisy grey instead of
-    a photo (curriculum: perception is learned on plain backgrounds first, OFFLINE.md)."""
+    a photo (curriculum: perception is learned on plain backgrounds first, docs/gotchas.md)."""
     scene = Scene(rng, split, n, cfg.image_size, cfg.target_size, cfg.difficulty)
     for k in range(n):
         if rng.random() < plain:

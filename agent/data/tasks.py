@@ -1,7 +1,7 @@
 """Multi-image fine-grained QA, generated offline with answers known by construction.
 
 Each sample shows 2-4 crops of real photos (:mod:`agent.data.images`) with small targets pasted
-at random positions: coloured shapes or real MNIST digits. Five task families (METHOD.md
+at random positions: coloured shapes or real MNIST digits. Five task families (docs/method.md
 section 7): ``find`` the image holding X, ``count`` images holding X, ``read`` a digit, ``compare``
 an attribute across images, spot the ``odd`` image. A sample is a pure function of
 (split, seed, index): ``numpy.random.default_rng([seed, split_code, index])``.

@@ -11,7 +11,7 @@ from analysis import plots, summaries
 from apps import common
 from apps.figures import training_png
 
-# Panel -> metric-name patterns, in the order the issue lists them (keys: STYLE.md).
+# Panel -> metric-name patterns, in the order the issue lists them (keys: docs/design.md#style).
 PANELS = {
     "Reward": ["rollout/reward_mean"],
     "Accuracy": ["rollout/acc_mean"],

@@ -1,4 +1,4 @@
-"""Attention metrics pinned on hand-computed tables (METHOD.md section 6)."""
+"""Attention metrics pinned on hand-computed tables (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Region span map and replay attention masses against an eager reference (METHOD.md section 6)."""
+"""Region span map and replay attention masses against an eager reference (docs/method.md §6)."""
 
 from __future__ import annotations
 

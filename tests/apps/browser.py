@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "apps" / "relook_app.py"
 CHROMIUM = os.environ.get("RELOOK_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RELOOK_CHROMEDRIVER", "/usr/bin/chromedriver")
-# OFFLINE.md: headless Chromium flags that work on these machines.
+# docs/gotchas.md: headless Chromium flags that work on these machines.
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-dev-shm-usage", "--hide-scrollbars",

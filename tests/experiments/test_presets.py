@@ -23,7 +23,7 @@ def test_presets_resolve_to_valid_configs(name, use_vllm):
         assert base["data"] is GRIDS[grid]["data"]  # untouched
         assert g.rollout_backend == ("vllm" if use_vllm else "hf")
         assert (g.tis_cap > 0) is use_vllm
-    # the values the module docstring cites (DeepEyes recipe, METHOD.md)
+    # the values the module docstring cites (DeepEyes recipe, docs/method.md)
     g = apply_preset(GRIDS["default"], name, use_vllm=False)["grpo"]
     assert (g.lr, g.beta, g.prompts_per_step, g.group_size, g.mini_batches) == (
         1e-6, 0.0, 256, 8, 1,
