@@ -12,6 +12,7 @@ Examples:
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
     python -m experiments.ablate --grid smoke --engine deepspeed --zero-stage 2   # 1 process
     python -m experiments.ablate --preset qwen2.5-vl-7b --model /ckpt/Qwen2.5-VL-7B-Instruct
+    python -m experiments.ablate --grid smoke --tools reflect,confirm,mypkg.mod:Rotate
     python -m experiments.ablate --grid smoke --launcher ray --ray-address auto \
         --num-gpus-per-arm 1 --out /shared/runs/smoke   # arms as Ray tasks (pip install ray)
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --rollout-backend vllm \
@@ -102,6 +103,10 @@ class AblateArgs:
             needs a GPU and ``pip install vllm``: a colocated engine per rank, train.vllm_backend).
         freeze_vision_tower: override whether RL leaves the vision tower out of the update
             (None: keep; the grids train it).
+        tools: the tool set of every arm that advertises tools (None: the grid's, ``both``):
+            comma-separated registered names and user tools as ``module:Class``, e.g.
+            ``reflect,confirm,mypkg.mod:Rotate`` (:func:`agent.tools.resolve_tools`; the module
+            must be importable in every process). ``tools_none`` stays without tools.
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
     """
 
@@ -124,6 +129,7 @@ class AblateArgs:
     ray_address: str | None = None
     num_gpus_per_arm: float = 0.0
     num_cpus_per_arm: float = 1.0
+    tools: str | None = None
     local_rank: int = -1
 
     def grpo_overrides(self) -> dict:
@@ -429,7 +435,7 @@ def main(args: AblateArgs) -> Path:
     args = replace(args, model=args.base_model(), out=args.out or _default_out(args.grid))
     configs = grid_arms(
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
-        args.preset,
+        args.preset, args.tools,
     )  # fmt: skip
     check_args(args)
     distributed = dist.init_from_env()

@@ -15,7 +15,7 @@ from apps.figures import training_png
 PANELS = {
     "Reward": ["rollout/reward_mean"],
     "Accuracy": ["rollout/acc_mean"],
-    "Tool calls per tool": ["rollout/tool_calls_*"],
+    "Tool calls per tool": ["rollout/tool_calls/*", "rollout/tool_calls_failed"],
     "Response length": ["rollout/response_length"],
     "Masked fractions": ["mask/*_frac"],
     "KL": ["actor/kl", "actor/approx_kl"],
