@@ -7,6 +7,7 @@ from collections import defaultdict
 import numpy as np
 
 from agent.rollout import Agent, Generator, rollout
+from agent.tools import counted_tools
 from agent.trajectory import Trajectory
 
 
@@ -30,11 +31,15 @@ def evaluate(
     trajs: list[Trajectory] = []
     for i in range(0, len(samples), batch):
         trajs += rollout(agent, generator, samples[i : i + batch], group_size=1)
-    return summarize(trajs), trajs
+    return summarize(trajs, agent.config.tool_names), trajs
 
 
-def summarize(trajs: list[Trajectory]) -> dict:
-    """The evaluation summary of finished, scored trajectories (see :func:`evaluate`)."""
+def summarize(trajs: list[Trajectory], tools: tuple[str, ...] = ()) -> dict:
+    """The evaluation summary of finished, scored trajectories (see :func:`evaluate`).
+
+    ``tool_calls`` has a key per built-in tool, per one of ``tools`` (the advertised ones) and
+    per other tool called successfully."""
+    called = [name for t in trajs for name in t.n_tool_calls]
     fam: dict[str, list[float]] = defaultdict(list)
     for t in trajs:
         fam[t.family].append(t.acc)
@@ -46,7 +51,8 @@ def summarize(trajs: list[Trajectory]) -> dict:
         "answer_rate": sum(t.answer is not None for t in trajs) / n,
         "tool_call_rate": sum(t.used > 0 for t in trajs) / n,
         "tool_calls": {
-            k: sum(t.n_tool_calls[k] for t in trajs) / n for k in ("reflect", "confirm")
+            k: sum(t.n_tool_calls.get(k, 0) for t in trajs) / n
+            for k in counted_tools((*tools, *called))
         },
         "failed_call_rate": sum(t.flags["failed_call"] for t in trajs) / n,
         "mean_response_length": sum(t.response_length for t in trajs) / n,

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from agent.tools import TOOL_SCHEMAS
+from agent.tools import BUILTIN_TOOLS, get_tool
 
 SYSTEM_TEXT = "You are a helpful assistant. Look at the images and answer the question."
 FORMAT_WITH_TOOLS = (
@@ -28,10 +28,18 @@ FORMAT_NO_TOOLS = "Think step by step inside <think> </think>, then give the fin
 
 
 def system_text(tools: tuple[str, ...]) -> str:
-    """The system turn: Qwen2.5's ``# Tools`` / ``<tools>`` block listing ``tools``' schemas."""
+    """The system turn: Qwen2.5's ``# Tools`` / ``<tools>`` block listing ``tools``' schemas.
+
+    Args:
+        tools: registered tool names (:func:`agent.tools.register`); each one's ``schema`` is
+            one ``json.dumps`` line.
+
+    Raises:
+        ValueError: an unregistered name.
+    """
     text = SYSTEM_TEXT
     if tools:
-        listed = "\n".join(json.dumps(TOOL_SCHEMAS[t]) for t in tools)
+        listed = "\n".join(json.dumps(get_tool(t).schema) for t in tools)
         text += f"\n\n# Tools\n<tools>\n{listed}\n</tools>"
     return f"<|im_start|>system\n{text}<|im_end|>\n"
 
@@ -40,7 +48,7 @@ def corpus() -> list[str]:
     """Texts of relook's prompt language (system turns, format lines, observations), e.g. to
     train a compact tokenizer on."""
     return [
-        system_text(("reflect", "confirm")),
+        system_text(BUILTIN_TOOLS),
         system_text(()),
         FORMAT_WITH_TOOLS,
         FORMAT_NO_TOOLS,

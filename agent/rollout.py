@@ -8,21 +8,14 @@ batch them: ``HFGenerator`` (transformers ``generate``, CPU) here, a vLLM backen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 
 from agent.prompting import PromptBuilder
-from agent.tools import ANSWER_RE, TOOL_CALL_RE, ImageFrame, run_tool
+from agent.tools import ANSWER_RE, TOOL_CALL_RE, CropPolicy, ImageFrame, resolve_tools, run_tool
 from agent.trajectory import ImageRecord, Trajectory, TurnEvent
 from agent.verifiers import verify_trajectory
-
-TOOL_SETS = {
-    "none": (),
-    "reflect": ("reflect",),
-    "confirm": ("confirm",),
-    "both": ("reflect", "confirm"),
-}
 
 
 @dataclass(frozen=True)
@@ -30,13 +23,26 @@ class AgentConfig:
     """How the agent runs an episode (docs/method.md §2).
 
     Attributes:
-        tools: ablation switch: ``"none"`` (no tools advertised; single turn), ``"reflect"``,
-            ``"confirm"`` or ``"both"``.
+        tools: ablation switch: ``"none"`` (no tools advertised; single turn), ``"both"``
+            (``reflect`` and ``confirm``), or a comma-separated list of registered tool names
+            and ``module:Class`` user tools (``"reflect,confirm,mypkg.mod:Rotate"``;
+            :func:`agent.tools.resolve_tools`, which imports and registers them).
         max_turns: assistant turns per episode (paper-free default 5).
         max_new_tokens: tokens the policy may sample per turn.
         max_total_tokens: context budget of the whole sequence, in tokens.
         max_images: image budget: input plus tool-returned images per episode.
         temperature: sampling temperature (0 = greedy).
+        max_pixels: pixel cap (h*w) per image, overriding the image processor's (None: the
+            processor's); bounds the tokens of every image to ``max_pixels / (patch*merge)**2``.
+        min_pixels: pixel floor per image, overriding the processor's (None: the processor's).
+        crop_policy: how ``confirm`` sizes its crop: ``"fill"`` zooms it to
+            ``crop_max_pixels``; ``"native"`` keeps the original pixels (boxes under one
+            merged patch padded to it) and shrinks only crops above ``crop_max_pixels``.
+        crop_max_pixels: pixel budget of a ``confirm`` crop (None: the model frame's
+            ``max_pixels``).
+        max_image_tokens: image-token budget of a trajectory, input images included (None: no
+            budget beyond ``max_images``); a tool call that would exceed it returns an error
+            observation instead of its images and ends the episode flagged ``over_budget``.
     """
 
     tools: str = "both"
@@ -45,21 +51,46 @@ class AgentConfig:
     max_total_tokens: int = 4096
     max_images: int = 12
     temperature: float = 1.0
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    crop_policy: CropPolicy = "fill"
+    crop_max_pixels: int | None = None
+    max_image_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.tools not in TOOL_SETS:
-            raise ValueError(
-                f"AgentConfig.tools must be one of {sorted(TOOL_SETS)}, got {self.tools!r}"
-            )
+        try:
+            resolve_tools(self.tools)
+        except ValueError as exc:
+            raise ValueError(f"AgentConfig.tools={self.tools!r}: {exc}") from None
         for name in ("max_turns", "max_new_tokens", "max_total_tokens", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"AgentConfig.temperature must be >= 0, got {self.temperature}")
+        for name in ("max_pixels", "min_pixels", "crop_max_pixels", "max_image_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"AgentConfig.{name} must be >= 1 or None, got {getattr(self, name)}"
+                )
+        if self.crop_policy not in get_args(CropPolicy):
+            raise ValueError(
+                f"AgentConfig.crop_policy must be one of {get_args(CropPolicy)}, got {self.crop_policy!r}"
+            )
+        if self.max_pixels and self.min_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"AgentConfig.min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}"
+            )
 
     @property
     def tool_names(self) -> tuple[str, ...]:
-        return TOOL_SETS[self.tools]
+        """The advertised tools' registered names, in prompt order."""
+        return resolve_tools(self.tools)
+
+    def pixel_overrides(self) -> dict:
+        """The image processor's ``size`` override (``shortest_edge`` = min, ``longest_edge`` =
+        max pixels) for the fields set, ``{}`` when both are None."""
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        return {k: v for k, v in size.items() if v is not None}
 
 
 @dataclass
@@ -215,13 +246,21 @@ class Agent:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.prompts = PromptBuilder(tokenizer, config.tool_names)
-        self.frame = ImageFrame.from_processor(image_processor)
+        frame = ImageFrame.from_processor(image_processor)
+        size = {"shortest_edge": frame.min_pixels, "longest_edge": frame.max_pixels}
+        size |= config.pixel_overrides()
+        self._size = size if config.pixel_overrides() else None  # None: the processor's own
+        self.frame = ImageFrame(
+            frame.patch_size, frame.merge_size, size["shortest_edge"], size["longest_edge"]
+        )
         self.merge = int(image_processor.merge_size)
         self._vision = frozenset(self.prompts.ids.vision)  # ids that delimit or fill image runs
 
     def encode_image(self, record: ImageRecord) -> ImageRecord:
-        """Run the image processor on ``record.image``; fills ``pixel_values`` and ``grid_thw``."""
-        out = self.image_processor(images=[record.image], return_tensors="pt")
+        """Run the image processor on ``record.image`` (at the config's pixel limits when set);
+        fills ``pixel_values`` and ``grid_thw``."""
+        extra = {"size": self._size} if self._size else {}
+        out = self.image_processor(images=[record.image], return_tensors="pt", **extra)
         record.pixel_values = out["pixel_values"]
         record.grid_thw = tuple(int(v) for v in out["image_grid_thw"][0])
         return record
@@ -301,29 +340,44 @@ class Agent:
     def _tool_turn(self, ep: _Episode, event: TurnEvent, payload: str, close_turn: bool) -> None:
         traj, cfg = ep.traj, self.config
         event.kind = "tool_call"
-        res = run_tool(payload, ep.inputs, self.frame, cfg.tool_names)
+        res = run_tool(
+            payload, ep.inputs, self.frame, cfg.tool_names, cfg.crop_policy, cfg.crop_max_pixels
+        )
         event.tool, event.ok, event.arguments = res.name, res.ok, res.arguments
         call_index = sum(1 for e in traj.events if e.kind == "tool_call") - 1
         new_records = [
             ImageRecord(ti.image.convert("RGB"), res.name, ti.source, call_index, ti.bbox)
             for ti in res.images
         ]
-        text = res.text
-        if len(traj.images) + len(new_records) > cfg.max_images:
-            text, new_records = f"Error: image budget of {cfg.max_images} images exceeded", []
-            traj.flags["over_budget"] = True
-            ep.done = True
+        for r in new_records:
+            self.encode_image(r)
+        text, new_records = self._within_budget(ep, res.text, new_records)
         if not res.ok:
             event.error = res.text
             traj.flags["failed_call"] = True
-        labels = []
-        for r in new_records:
-            self.encode_image(r)
-            labels.append((f"Image {r.source} ({r.origin})", r.n_tokens(self.merge)))
+        labels = [(f"Image {r.source} ({r.origin})", r.n_tokens(self.merge)) for r in new_records]
         obs = self.prompts.observation(text, labels, close_turn=close_turn)
         event.obs_start, event.obs_end = traj.extend(obs, sampled=False)
         event.images = list(range(len(traj.images), len(traj.images) + len(new_records)))
         traj.images.extend(new_records)
+
+    def _within_budget(
+        self, ep: _Episode, text: str, records: list[ImageRecord]
+    ) -> tuple[str, list[ImageRecord]]:
+        """``(text, records)`` of an observation, or an error and no images when they would
+        exceed ``max_images`` or ``max_image_tokens`` (the episode then ends ``over_budget``)."""
+        traj, cfg = ep.traj, self.config
+        if len(traj.images) + len(records) > cfg.max_images:
+            message = f"Error: image budget of {cfg.max_images} images exceeded"
+        elif cfg.max_image_tokens is not None and (
+            sum(r.n_tokens(self.merge) for r in (*traj.images, *records)) > cfg.max_image_tokens
+        ):
+            message = f"Error: image budget of {cfg.max_image_tokens} image tokens exceeded"
+        else:
+            return text, records
+        traj.flags["over_budget"] = True
+        ep.done = True
+        return message, []
 
 
 def rollout(

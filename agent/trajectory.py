@@ -20,7 +20,7 @@ class ImageRecord:
 
     Attributes:
         image: the RGB image given to the image processor (original pixels, or the crop).
-        origin: ``"input"``, ``"reflect"`` or ``"confirm"``.
+        origin: ``"input"``, or the name of the tool that returned it (``"reflect"``, ...).
         source: 1-based input image it shows.
         call: 0-based index of the tool call that returned it (``None`` for input images).
         bbox: crop box in original pixels of ``source`` (``confirm`` only).
@@ -194,11 +194,11 @@ class Trajectory:
 
     @property
     def n_tool_calls(self) -> dict[str, int]:
-        """Successful tool calls per tool name."""
-        out = {"reflect": 0, "confirm": 0}
+        """Successful tool calls per tool name (only names called; count others as 0)."""
+        out: dict[str, int] = {}
         for e in self.events:
-            if e.kind == "tool_call" and e.ok and e.tool in out:
-                out[e.tool] += 1
+            if e.kind == "tool_call" and e.ok and e.tool:
+                out[e.tool] = out.get(e.tool, 0) + 1
         return out
 
     @property

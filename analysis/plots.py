@@ -173,14 +173,13 @@ def eval_table(eval_df: pd.DataFrame) -> pd.DataFrame:
         eval_df: frame of :func:`analysis.rundir.load_eval`.
 
     Returns:
-        Columns arm, n, accuracy, tool-call rate, reflect/sample, confirm/sample,
+        Columns arm, n, accuracy, tool-call rate, {tool}/sample per tool (reflect, confirm, ...),
         "acc: {family}" per task family, model (the columns present), sorted by arm.
         Accuracy and rates are fractions in [0, 1]; per-sample columns are mean calls.
     """
-    names = {
-        "arm": "arm", "n": "n", "accuracy": "accuracy", "tool_call_rate": "tool-call rate",
-        "tool_calls/reflect": "reflect/sample", "tool_calls/confirm": "confirm/sample",
-    }  # fmt: skip
+    names = {"arm": "arm", "n": "n", "accuracy": "accuracy", "tool_call_rate": "tool-call rate"}
+    tools = [c for c in eval_df.columns if c.startswith("tool_calls/")]  # one per tool, any name
+    names |= {c: c.split("/", 1)[1] + "/sample" for c in tools}
     families = sorted(c for c in eval_df.columns if c.startswith("per_family/"))
     names |= {c: "acc: " + c.split("/", 1)[1] for c in families} | {"model": "model"}
     table = eval_df[[c for c in names if c in eval_df.columns]].rename(columns=names)

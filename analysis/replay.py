@@ -351,7 +351,7 @@ class AttentionRecord:
         region_names: ``[region]`` names (``RegionMap.region_names``).
         positions: ``[token]`` absolute position ``p`` of each generated token (its query is ``p - 1``).
         layers: ``[layer]`` decoder layer index of each layer slot.
-        image_origin: image number k -> "input", "reflect" or "confirm".
+        image_origin: image number k -> "input" or the name of the tool that returned it.
         keys: ``[token, region]`` int64 keys of each region visible to the token's query, its
             own key counted in ``self`` (:func:`visible_keys`); rows sum to ``positions``.
         value_mass: ``[token, layer, head, region]`` value-norm-weighted mass, or None.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE_ORIGINS = ("input", "reflect", "confirm")
+INPUT_ORIGIN = "input"  # origin of the prompt's images; a tool's images carry the tool's name
 # Region order of every RegionMap: the fixed regions, then image:1..K.
 FIXED_REGIONS = ("sink", "system", "user_text", "image_wrap", "tool_text", "generated", "self")
 
@@ -84,7 +84,8 @@ class RegionMap:
         region_names: ``[region]`` ordered unique names: :data:`FIXED_REGIONS`, then
             ``image:1`` .. ``image:K``. Every name is present even if its region is empty.
         region_index: ``[pos]`` int64 index of each position's label in ``region_names``.
-        image_origin: image number k (1-based) -> "input", "reflect" or "confirm".
+        image_origin: image number k (1-based) -> "input" or the name of the tool that
+            returned it ("reflect", "confirm", a user tool's name).
         image_sizes: image number k -> its image_pad tokens.
         generated_positions: absolute positions p with ``response_mask[p] == 1``, ascending.
     """
@@ -139,6 +140,7 @@ def _checked_origins(
     prompt_len: int,
     n_runs: int,
     image_origins: Sequence[str] | None,
+    tool_names: Sequence[str] | None,
 ) -> list[str]:
     """Validate :func:`region_labels`' arguments; return one origin per image run."""
     n = len(token_ids)
@@ -155,9 +157,11 @@ def _checked_origins(
         raise ValueError(
             f"image_origins has {len(origins)} entries but token_ids has {n_runs} image runs"
         )
-    bad = [o for o in origins if o not in IMAGE_ORIGINS]
+    known = None if tool_names is None else (INPUT_ORIGIN, *tool_names)
+    bad = [o for o in origins if not isinstance(o, str) or not o or (known and o not in known)]
     if bad:
-        raise ValueError(f"image_origins holds {bad[0]!r}; expected one of {IMAGE_ORIGINS}")
+        expected = f"one of {known}" if known else "a non-empty name"
+        raise ValueError(f"image_origins holds {bad[0]!r}; expected {expected}")
     return origins
 
 
@@ -167,6 +171,7 @@ def region_labels(
     ids: SpecialIds,
     prompt_len: int,
     image_origins: Sequence[str] | None = None,
+    tool_names: Sequence[str] | None = None,
 ) -> RegionMap:
     """Label every key position with its region (module docstring lists the rules).
 
@@ -176,8 +181,12 @@ def region_labels(
         response_mask: ``[pos]`` 1 on tokens the policy sampled, else 0.
         ids: the tokenizer's special-token ids.
         prompt_len: tokens of the initial prompt (before the first sampled token).
-        image_origins: origin of each image in order of appearance ("input", "reflect",
-            "confirm"); default all "input".
+        image_origins: origin of each image in order of appearance: "input" or the name of
+            the tool that returned it (a trajectory's ``images[i].origin``); default all
+            "input".
+        tool_names: the tool names an origin may take besides "input" (the agent's tool
+            registry, passed as data: the analysis never imports the agent); None accepts
+            any non-empty name.
 
     Returns:
         The :class:`RegionMap`.
@@ -189,7 +198,9 @@ def region_labels(
             token. Messages name the field and the counts.
     """
     runs = image_runs(token_ids, ids.image_pad)
-    origins = _checked_origins(token_ids, response_mask, prompt_len, len(runs), image_origins)
+    origins = _checked_origins(
+        token_ids, response_mask, prompt_len, len(runs), image_origins, tool_names
+    )
     vision = {ids.vision_start, ids.vision_end, ids.image_pad}
     system_end = _system_end(token_ids, ids)
     labels: list[str] = []

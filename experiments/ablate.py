@@ -13,6 +13,7 @@ Examples:
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --arms full tools_none
     python -m experiments.ablate --grid smoke --engine deepspeed --zero-stage 2   # 1 process
     python -m experiments.ablate --preset qwen2.5-vl-7b --model /ckpt/Qwen2.5-VL-7B-Instruct
+    python -m experiments.ablate --grid smoke --tools reflect,confirm,mypkg.mod:Rotate
     python -m experiments.ablate --grid smoke --launcher ray --ray-address auto \
         --num-gpus-per-arm 1 --out /shared/runs/smoke   # arms as Ray tasks (pip install ray)
     python -m experiments.ablate --model /ckpt/Qwen2.5-VL-3B-Instruct --rollout-backend vllm \
@@ -111,6 +112,10 @@ class AblateArgs:
             (``imagent``, ``deepeyes``) or weighted terms, e.g. ``acc:1.0,format:0.2,tool:0.5``
             (``module:function`` for a user term). None: keep the grid's (``imagent``).
             Weighted terms do not read ``tool_gain``: the ``gain0`` arm then trains as ``full``.
+        tools: the tool set of every arm that advertises tools (None: the grid's, ``both``):
+            comma-separated registered names and user tools as ``module:Class``, e.g.
+            ``reflect,confirm,mypkg.mod:Rotate`` (:func:`agent.tools.resolve_tools`; the module
+            must be importable in every process). ``tools_none`` stays without tools.
         local_rank: set by the ``deepspeed`` launcher; ignored (ranks come from the environment).
         train_data: a training source, repeatable: ``[FORMAT:]PATH[:WEIGHT]`` or
             ``generator[:WEIGHT]`` (:mod:`agent.data.sources`; README "Train on your data");
@@ -146,6 +151,7 @@ class AblateArgs:
     ray_address: str | None = None
     num_gpus_per_arm: float = 0.0
     num_cpus_per_arm: float = 1.0
+    tools: str | None = None
     local_rank: int = -1
     train_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     eval_data: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
@@ -485,7 +491,7 @@ def main(args: AblateArgs) -> Path:
     check_reward(args.reward)  # before the grid's configs, which would name the field instead
     configs = grid_arms(
         args.grid, args.seeds, args.arms, args.model, args.steps, args.grpo_overrides(),
-        args.preset, args.data_overrides(),
+        args.preset, args.data_overrides(), args.tools,
     )  # fmt: skip
     configs = [_tracked(c, args) for c in configs]
     check_args(args)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from agent.modeling import Policy, load_policy
+from agent.tools import registered_tools
 from agent.trajectory import ImageRecord, Trajectory, TurnEvent
 from analysis import rundir
 from analysis.replay import replay_attention
@@ -247,7 +248,9 @@ def trajectory_regions(traj: Trajectory, special: SpecialIds) -> RegionMap:
         ValueError: as :func:`analysis.spans.region_labels` (inconsistent masks or origins).
     """
     origins = [r.origin for r in traj.images]
-    return region_labels(traj.token_ids, traj.response_mask, special, traj.prompt_len, origins)
+    return region_labels(
+        traj.token_ids, traj.response_mask, special, traj.prompt_len, origins, registered_tools()
+    )
 
 
 def span_summary(traj: Trajectory, special: SpecialIds) -> dict:

@@ -33,7 +33,8 @@ class EvaluateArgs:
         n: questions to generate.
         seed: generator seed.
         data: an exported folder (``python -m agent.data``) to score instead of generating.
-        tools: tools advertised: none, reflect, confirm, both.
+        tools: tools advertised: none, both, or comma-separated tool names and module:Class
+            user tools (:attr:`agent.rollout.AgentConfig.tools`).
         temperature: sampling temperature (0 = greedy).
         max_turns: assistant turns per episode.
         difficulty: generator difficulty in [0, 1].

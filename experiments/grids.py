@@ -50,8 +50,12 @@ GRIDS = {
 }
 
 
-def arm_config(base: dict, arm: str, seed: int, model: str = "") -> ArmConfig:
-    """The :class:`ArmConfig` of arm ``arm`` (a key of :data:`ARM_SWITCHES`) at ``seed``.
+def arm_config(
+    base: dict, arm: str, seed: int, model: str = "", tools: str | None = None
+) -> ArmConfig:
+    """The :class:`ArmConfig` of arm ``arm`` (a key of :data:`ARM_SWITCHES`) at ``seed``;
+    ``tools`` (an :attr:`AgentConfig.tools` value) replaces the tool set of an arm that
+    advertises tools (``tools_none`` stays without).
 
     Raises:
         ValueError: unknown arm name.
@@ -60,6 +64,8 @@ def arm_config(base: dict, arm: str, seed: int, model: str = "") -> ArmConfig:
         raise ValueError(f"unknown arm {arm!r}; known: {sorted(ARM_SWITCHES)}")
     sw = ARM_SWITCHES[arm]
     agent = replace(base["agent"], **{k: v for k, v in sw.items() if k == "tools"})
+    if tools is not None and agent.tools != "none":
+        agent = replace(agent, tools=tools)
     grpo = replace(base["grpo"], seed=seed, **{k: v for k, v in sw.items() if k != "tools"})
     return ArmConfig(
         name=f"{arm}-s{seed}",
@@ -81,13 +87,15 @@ def grid_arms(
     grpo: dict | None = None,
     preset: str | None = None,
     data: dict | None = None,
+    tools: str | None = None,
 ) -> list[ArmConfig]:
     """All arm configs of ``grid`` for ``seeds`` (optionally only ``arms``, or ``steps`` and
     other :class:`GRPOConfig` fields (``grpo``, e.g. ``{"engine": "deepspeed"}``) or
     :class:`DataConfig` fields (``data``, e.g. ``{"train_data": ("a.jsonl",)}``) overridden).
 
     ``preset`` (a key of :data:`experiments.presets.PRESETS`) is applied on top of the grid
-    and below ``steps`` and ``grpo``, which always win.
+    and below ``steps`` and ``grpo``, which always win. ``tools`` replaces the tool set of
+    every arm that advertises tools (:func:`arm_config`).
 
     Raises:
         ValueError: unknown grid, arm or preset names, or an invalid override.
@@ -106,4 +114,4 @@ def grid_arms(
     if data:
         base["data"] = replace(base["data"], **data)
     names = arms or tuple(ARM_SWITCHES)
-    return [arm_config(base, a, s, model) for s in seeds for a in names]
+    return [arm_config(base, a, s, model, tools) for s in seeds for a in names]

@@ -25,6 +25,16 @@ Every value cites its source:
   AdamW ``weight_decay`` default 1e-2) that the DeepEyes script leaves alone. Not matched:
   verl keeps the learning rate constant, relook's engines decay it linearly to 10%
   (:func:`train.engine.lr_lambda`).
+- **[Qwen]** Qwen2.5-VL-7B/3B-Instruct as published: ``preprocessor_config.json`` (patch 14,
+  merge 2, ``min_pixels`` 3136 = 56*56, ``max_pixels`` 12845056 = 16384*28*28: up to 16,384
+  image tokens per image), ``config.json`` ``max_position_embeddings`` 128000 (the context
+  :attr:`Preset.context` checks against), and the Qwen2.5-VL README's example of lowering the
+  cap, ``max_pixels = 1280*28*28`` (1,003,520 px, 1,280 tokens per image).
+- **[DeepEyes-crop]** DeepEyes' zoom tool (zyang6/DeepEyes, ``verl/workers/agent/envs/
+  mm_process_engine/visual_toolbox_v2.py``): ``img.crop(bbox)`` at native resolution, no
+  resize, after ``maybe_resize_bbox`` grows a box with a side under 28 px (one merged patch)
+  to 28 px about its centre; its input images go to the processor unresized
+  (``verl/utils/dataset/vision_utils.py`` ``process_image``), i.e. at the processor's caps.
 - **[default]** relook's own choice where neither source fits relook (ZeRO instead of FSDP,
   colocated vLLM), with the reason.
 
@@ -66,12 +76,19 @@ class Preset:
         vllm: :class:`GRPOConfig` overrides applied only when :func:`vllm_available`
             (``rollout_backend="vllm"`` and its engine settings); otherwise the HF
             ``generate`` backend is kept.
+        context: the model's context in tokens (``max_position_embeddings``), which the
+            worst-case trajectory must fit (:func:`worst_case_tokens`).
+        patch_size, merge_size: the model's vision patch and merge sizes (image tokens per
+            image = pixels / (patch_size * merge_size)**2).
     """
 
     model: str
     grpo: dict[str, Any] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     vllm: dict[str, Any] = field(default_factory=dict)
+    context: int = 128000  # [Qwen] config.json max_position_embeddings
+    patch_size: int = 14  # [Qwen] preprocessor_config.json
+    merge_size: int = 2  # [Qwen] preprocessor_config.json
 
     def __post_init__(self) -> None:
         for name, cls in (("grpo", GRPOConfig), ("agent", AgentConfig), ("vllm", GRPOConfig)):
@@ -108,6 +125,15 @@ _AGENT = dict(
     max_new_tokens=10240,  # [DeepEyes] agent.single_response_max_tokens=10240 per turn
     max_total_tokens=8192 + 20480,  # [DeepEyes] max_prompt_length + max_response_length
     temperature=1.0,  # [verl] rollout temperature default
+    # [Qwen] README's lowered cap 1280*28*28 px: 1,280 tokens per image instead of the
+    # processor's 16,384 (12845056 px), so that 12 images fit beside 5 x 10240 sampled tokens
+    max_pixels=1280 * 28 * 28,
+    min_pixels=56 * 56,  # [Qwen] preprocessor_config.json min_pixels 3136
+    crop_policy="native",  # [DeepEyes-crop] native-resolution crop, small boxes padded to 28 px
+    crop_max_pixels=1280 * 28 * 28,  # [default] a crop costs at most what an input image does
+    # [default] 16 full-size images' worth (16 x 1,280 tokens): above max_images x 1,280 with
+    # headroom for the prompt's images; a call past it ends the episode over_budget
+    max_image_tokens=16 * 1280,
 )
 _VLLM = dict(
     rollout_backend="vllm",  # [DeepEyes] rollout.name=vllm (GPU only; else HF generate)
@@ -149,6 +175,28 @@ PRESETS: dict[str, Preset] = {
         vllm=dict(_VLLM, vllm_gpu_memory_utilization=0.6),  # [default] as the 7B preset
     ),
 }
+
+
+def worst_case_tokens(agent: AgentConfig, preset: Preset, prompt_tokens: int) -> int:
+    """Tokens of a preset's longest possible trajectory: ``prompt_tokens`` of text, every
+    image of the ``max_images`` budget at ``max_pixels`` (capped by ``max_image_tokens``),
+    and ``max_new_tokens`` sampled on each of ``max_turns`` turns.
+
+    Args:
+        agent: the preset's agent config (``max_pixels`` must be set).
+        preset: the preset (patch and merge sizes).
+        prompt_tokens: text tokens of the prompt and observations (without image tokens).
+
+    Raises:
+        ValueError: ``agent.max_pixels`` is None (the processor's cap is unknown here).
+    """
+    if agent.max_pixels is None:
+        raise ValueError("worst_case_tokens needs AgentConfig.max_pixels")
+    per_image = agent.max_pixels // (preset.patch_size * preset.merge_size) ** 2
+    images = agent.max_images * per_image
+    if agent.max_image_tokens is not None:
+        images = min(images, agent.max_image_tokens)
+    return prompt_tokens + images + agent.max_turns * agent.max_new_tokens
 
 
 def get_preset(name: str) -> Preset:

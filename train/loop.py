@@ -238,7 +238,11 @@ def train(
         gap = _logprob_gap(trajs, batch.old_lp)
         t_upd = time.perf_counter()
         # Metrics (over every rank's trajectories)
-        row = {"step": step, **rollout_metrics(all_trajs, all_weights), **stats}
+        row = {
+            "step": step,
+            **rollout_metrics(all_trajs, all_weights, cfg.agent.tool_names),
+            **stats,
+        }
         row.update(
             {
                 "rollout/advantage_abs_mean": float(advantages.abs().mean()),

@@ -6,24 +6,30 @@ import numpy as np
 import torch
 
 from agent.reward import mask_reasons
+from agent.tools import counted_tools
 from agent.trajectory import Trajectory
 
 
-def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dict[str, float]:
+def rollout_metrics(
+    trajs: list[Trajectory], weights: list[torch.Tensor], tools: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Reward, accuracy, tool use, lengths and masked fractions of one rollout batch.
 
     Args:
         trajs: the batch's trajectories.
         weights: their ``[pos]`` loss weights (:func:`train.batching.loss_weights`).
+        tools: the advertised tools' names; ``rollout/tool_calls/<name>`` is logged for the
+            built-ins, these and any other tool called successfully.
 
     Returns:
-        ``rollout/*`` (means per trajectory; tool calls are successful calls per trajectory,
-        failed calls counted apart), ``mask/token_frac`` (weighted share of the tokens after the
+        ``rollout/*`` (means per trajectory; ``rollout/tool_calls/<name>`` are successful calls
+        per trajectory, ``rollout/tool_calls_failed`` the failed calls of any tool), ``mask/token_frac`` (weighted share of the tokens after the
         prompt), ``mask/trajectory_frac`` (share of trajectories with zero weight) and
         ``mask/{truncated,void_turn,failed_call,over_budget}`` (share flagged) and
         ``reward/<term>`` (mean unweighted value of each reward term, :func:`train.rewards.score`).
     """
     calls = [t.n_tool_calls for t in trajs]
+    names = counted_tools((*tools, *(k for c in calls for k in c)))
     after_prompt = sum(len(t.token_ids) - t.prompt_len for t in trajs)
     out = {
         "rollout/reward_mean": float(np.mean([t.reward for t in trajs])),
@@ -32,8 +38,7 @@ def rollout_metrics(trajs: list[Trajectory], weights: list[torch.Tensor]) -> dic
         "rollout/fmt_mean": float(np.mean([t.fmt for t in trajs])),
         "rollout/answer_frac": float(np.mean([t.answer is not None for t in trajs])),
         "rollout/tool_used_frac": float(np.mean([t.used for t in trajs])),
-        "rollout/tool_calls_reflect": float(np.mean([c["reflect"] for c in calls])),
-        "rollout/tool_calls_confirm": float(np.mean([c["confirm"] for c in calls])),
+        **{f"rollout/tool_calls/{k}": float(np.mean([c.get(k, 0) for c in calls])) for k in names},
         "rollout/tool_calls_failed": float(
             np.mean([sum(e.kind == "tool_call" and not e.ok for e in t.events) for t in trajs])
         ),

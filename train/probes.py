@@ -122,7 +122,7 @@ def first_turn_protocol(
         call, ans = TOOL_CALL_RE.search(text), ANSWER_RE.search(text)
         if call and (not ans or call.start() < ans.start()):
             parsed = parse_tool_call(call.group(1))
-            calls += not isinstance(parsed, str) and parsed[0] in ("reflect", "confirm")
+            calls += not isinstance(parsed, str) and parsed[0] in agent.config.tool_names
             continue
         others += 1
         answers += bool(ans) and normalize_answer(ans.group(1), s.answer_type) is not None

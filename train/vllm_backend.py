@@ -416,7 +416,8 @@ def make_vllm_generator(policy, cfg, **llm_kwargs) -> VLLMGenerator:
     ``max_model_len = max_total_tokens + max_new_tokens``, ``enable_sleep_mode``,
     ``gpu_memory_utilization``, ``tensor_parallel_size`` from ``cfg.grpo``, bf16, the
     checkpoint's generation config ignored (``generation_config="vllm"``) and
-    ``logprobs_mode="processed_logprobs"``. The engine loads the checkpoint directory's
+    ``logprobs_mode="processed_logprobs"``, and ``mm_processor_kwargs`` with the agent's
+    ``min_pixels`` / ``max_pixels`` when it overrides the processor's. The engine loads the checkpoint directory's
     weights; call :meth:`VLLMGenerator.sync_weights` before the first rollout when the
     in-memory policy differs (the loop always does).
 
@@ -453,6 +454,9 @@ def make_vllm_generator(policy, cfg, **llm_kwargs) -> VLLMGenerator:
         generation_config="vllm",
         seed=g.seed + dist.rank(),
     )
+    pixels = {"min_pixels": cfg.agent.min_pixels, "max_pixels": cfg.agent.max_pixels}
+    if any(v is not None for v in pixels.values()):  # vLLM's processor must resize as the agent
+        kwargs["mm_processor_kwargs"] = {k: v for k, v in pixels.items() if v is not None}
     kwargs.update(llm_kwargs)
     llm = vllm.LLM(**kwargs)
     return VLLMGenerator.for_policy(

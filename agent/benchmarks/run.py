@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from agent.benchmarks import get_spec, score_predictions
 from agent.benchmarks.base import BenchmarkItem
 from agent.rollout import Agent, Generator, rollout
-from agent.tools import TOOL_NAMES
+from agent.tools import counted_tools, registered_tools
 from agent.trajectory import Trajectory
 
 
@@ -19,8 +19,9 @@ def tool_statistics(trajs: Sequence[Trajectory]) -> dict:
     """Tool use over finished episodes.
 
     Returns:
-        ``calls_per_question``: attempted calls per episode, per tool (``reflect``,
-        ``confirm``; ``other`` for unknown or unparseable calls); ``question_share``: share of
+        ``calls_per_question``: attempted calls per episode, per tool (the built-ins
+        ``reflect``, ``confirm``, then any other registered tool called; ``other`` for unknown
+        or unparseable calls); ``question_share``: share of
         episodes with at least one call attempt; ``question_share_ok``: share with at least one
         successful call; ``success_rate``: successful / attempted calls (``None`` when no call
         was made); ``calls``: attempted calls in total.
@@ -30,12 +31,14 @@ def tool_statistics(trajs: Sequence[Trajectory]) -> dict:
     """
     if not trajs:
         raise ValueError("no trajectories")
-    per_tool = dict.fromkeys((*TOOL_NAMES, "other"), 0)
+    known = registered_tools()
+    called = [e.tool for t in trajs for e in t.events if e.kind == "tool_call" and e.tool in known]
+    per_tool = dict.fromkeys((*counted_tools(tuple(called)), "other"), 0)
     calls = ok = with_call = with_ok = 0
     for t in trajs:
         events = [e for e in t.events if e.kind == "tool_call"]
         for e in events:
-            per_tool[e.tool if e.tool in TOOL_NAMES else "other"] += 1
+            per_tool[e.tool if e.tool in known else "other"] += 1
         calls += len(events)
         ok += sum(e.ok for e in events)
         with_call += bool(events)

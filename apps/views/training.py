@@ -19,7 +19,7 @@ PANELS = {
     "Held-out accuracy": ["eval/acc", "eval_sampled/acc", "eval_sampled/pass_at_n"],
     "Held-out accuracy per family": ["eval/acc/*"],
     "Held-out tool-call rate": ["eval/tool_call_rate", "eval_sampled/tool_call_rate"],
-    "Tool calls per tool": ["rollout/tool_calls_*"],
+    "Tool calls per tool": ["rollout/tool_calls/*", "rollout/tool_calls_failed"],
     "Response length": ["rollout/response_length"],
     "Masked fractions": ["mask/*_frac"],
     "KL": ["actor/kl", "actor/approx_kl"],

@@ -4,7 +4,9 @@ Hostile text: tool calls with huge, NaN/Infinity or wrongly typed numbers, deep 
 token text (``<|image_pad|>``, ``<|vision_start|>``), unicode digits and control characters.
 Properties: no exception escapes; no special-token id enters the environment's (non-sampled)
 positions beyond the ones the template inserts; every failed call is an ``Error: ...``
-observation with ``event.ok`` False and ``flags["failed_call"]`` set.
+observation with ``event.ok`` False and ``flags["failed_call"]`` set. Every registered tool is
+called, user tools loaded as ``module:Class`` included (tests/agent/rotate_tool.py: one
+well-behaved, one that raises or returns malformed results), ``confirm`` under both crop policies.
 
 Default tier: 2,500 examples in all (900 parser and tools, 600 scoring, 2 x 500 ``Agent.step``
 on relook-tiny), a few seconds on one core; the ``slow`` tier runs ten times as many. Derandomized, so CI sees the same examples every run.
@@ -35,8 +37,15 @@ from agent.benchmarks.scoring import (
 from agent.data.scoring import ANSWER_TYPES, exact_match, normalize_answer
 from agent.data.tasks import Sample
 from agent.rollout import Agent, AgentConfig, GenResult, _Episode
-from agent.tools import ImageFrame, parse_tool_call, run_tool
+from agent.tools import ImageFrame, parse_tool_call, registered_tools, resolve_tools, run_tool
 from agent.trajectory import image_token_problem
+
+# Every registered tool is fuzzed: the built-ins and user tools loaded as module:Class (a
+# well-behaved one and one that raises or returns malformed results).
+TOOLS = resolve_tools(
+    "reflect,confirm,tests.agent.rotate_tool:Rotate,tests.agent.rotate_tool:Broken"
+)
+assert set(TOOLS) == set(registered_tools())
 
 FRAME = ImageFrame(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
 IMAGES = [Image.new("RGB", (224, 168), (40 * k, 90, 200 - 30 * k)) for k in range(3)]
@@ -70,7 +79,7 @@ number = st.one_of(
     st.integers(1, 5000).map(lambda n: "9" * n),
     st.sampled_from(NUMBER_TEXT),
 )
-name = st.sampled_from(['"reflect"', '"confirm"', '"confirm"']) | hostile_text.map(json.dumps)
+name = st.sampled_from([json.dumps(t) for t in (*TOOLS, "confirm")]) | hostile_text.map(json.dumps)
 
 
 @st.composite
@@ -84,8 +93,11 @@ def payloads(draw) -> str:
         if draw(st.booleans()):
             values[draw(st.integers(0, 4))] = draw(number)
         k, *box = values
-        if draw(st.booleans()):
+        tool = draw(st.sampled_from(TOOLS))
+        if tool == "reflect":
             return f'{{"name": "reflect", "arguments": {{"images": [{k}]}}}}'
+        if tool != "confirm":  # user tools take an image number
+            return f'{{"name": "{tool}", "arguments": {{"image": {k}}}}}'
         return (
             f'{{"name": "confirm", "arguments": {{"image": {k}, "bbox_2d": [{", ".join(box)}]}}}}'
         )
@@ -111,6 +123,11 @@ def _fuzz(tier: str, n: int):
     )
 
 
+def draw_policy(payload: str) -> str:
+    """Both crop policies of ``confirm``, alternating with the payload."""
+    return ("native", "fill")[len(payload) % 2]
+
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_tool_parser_and_tools_never_raise(tier):
     @_fuzz(tier, 900)
@@ -120,7 +137,7 @@ def test_tool_parser_and_tools_never_raise(tier):
         assert isinstance(parsed, str) or (
             isinstance(parsed[0], str) and isinstance(parsed[1], dict)
         )
-        res = run_tool(payload, IMAGES, FRAME, ("reflect", "confirm"))
+        res = run_tool(payload, IMAGES, FRAME, TOOLS, draw_policy(payload))
         if res.ok:
             assert res.images and all(im.image.width * im.image.height > 0 for im in res.images)
             if res.name == "confirm":  # NaN / Infinity / huge boxes are never a crop (issue 16)
@@ -169,7 +186,8 @@ def tiny_agent():
     from agent.modeling import load_policy
 
     policy = load_policy("relook-tiny")
-    agent = Agent(policy.tokenizer, policy.image_processor, AgentConfig(tools="both", max_images=6))
+    cfg = AgentConfig(tools=",".join(TOOLS), max_images=6)
+    agent = Agent(policy.tokenizer, policy.image_processor, cfg)
     sample = Sample(
         id="fuzz-0", split="test", family="find", images=tuple(IMAGES), question="Which image?",
         answer="2", answer_type="index", target_image=2, target_bbox=(10, 10, 30, 30), meta={},

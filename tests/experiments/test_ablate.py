@@ -42,7 +42,7 @@ def test_smoke_grid_writes_a_complete_run_directory(smoke_run):
         "actor/clipfrac",
         "actor/kl",
         "timing_s/gen",
-        "rollout/tool_calls_confirm",
+        "rollout/tool_calls/confirm",
     ):
         assert col in metrics and metrics[col].notna().all()
     ev = rundir.load_eval(smoke_run)

@@ -79,3 +79,31 @@ def test_unknown_preset_names_a_clear_error(monkeypatch, capsys):
 def test_preset_fields_are_checked():
     with pytest.raises(ValueError, match=r"Preset.grpo: unknown GRPOConfig field\(s\) \['lrr'\]"):
         Preset(model="m", grpo={"lrr": 1.0})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_worst_case_trajectory_fits_the_context(name):
+    """max_images images at max_pixels (capped by max_image_tokens), max_turns x max_new_tokens
+    sampled, and the prompt's text (relook's longest system turn, question and observations,
+    measured on relook-tiny's tokenizer, x4 for headroom): within the model's context."""
+    from agent.modeling import load_policy
+    from agent.prompting import FORMAT_WITH_TOOLS, system_text
+    from agent.tools import resolve_tools
+    from experiments.presets import worst_case_tokens
+
+    preset = get_preset(name)
+    agent = apply_preset(GRIDS["default"], name, use_vllm=False)["agent"]
+    assert agent.crop_policy == "native"  # DeepEyes' native-resolution crop
+    tok = load_policy("relook-tiny").tokenizer
+    text = system_text(resolve_tools("both")) + FORMAT_WITH_TOOLS + "Which image? " * 20
+    obs = "<tool_response>\nHere is the zoomed region of Image 2.\nImage 2 (confirm): </tool_response>"
+    prompt = 4 * len(tok.encode(text + agent.max_turns * obs))
+    worst = worst_case_tokens(agent, preset, prompt)
+    per_image = agent.max_pixels // 28**2
+    print(
+        f"{name}: {agent.max_images} images x {per_image} tokens (cap {agent.max_image_tokens})"
+        f" + {agent.max_turns} x {agent.max_new_tokens} sampled + {prompt} text = {worst}"
+        f" <= context {preset.context}"
+    )
+    assert worst <= preset.context
+    assert agent.max_image_tokens >= agent.max_images * per_image  # max_images binds first

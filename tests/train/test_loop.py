@@ -109,7 +109,7 @@ def test_mask_tokens_switch(policy, scripted, monkeypatch):
         progress=False,
     )[0]
     assert on["mask/token_frac"] < 1.0 and off["mask/token_frac"] == 1.0
-    assert on["rollout/tool_calls_reflect"] == 0.5
+    assert on["rollout/tool_calls/reflect"] == 0.5
 
 
 def test_grpo_config_validation():

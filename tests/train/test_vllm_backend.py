@@ -505,3 +505,7 @@ def test_make_vllm_generator_passes_the_documented_llm_arguments(policy, monkeyp
     assert seen["distributed_executor_backend"] == "external_launcher"
     assert seen["generation_config"] == "vllm" and seen["tensor_parallel_size"] == 1
     assert seen["seed"] == cfg.grpo.seed  # + rank: one stream per training process
+    assert "mm_processor_kwargs" not in seen  # the processor's own pixel limits
+    cfg = ArmConfig(agent=AgentConfig(max_pixels=50176), grpo=cfg.grpo)
+    make_vllm_generator(policy, cfg)
+    assert seen["mm_processor_kwargs"] == {"max_pixels": 50176}  # resized as the agent does
