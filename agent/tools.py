@@ -517,6 +517,7 @@ register(Reflect())
 register(Confirm())
 
 MAX_OBS_CHARS = 2048  # a tool's observation text is cut to this (user tools may echo model text)
+MAX_ERROR_CHARS = 256  # and a failed call's to this (the built-ins' errors are shorter)
 
 
 def _checked_result(name: str, args: dict, res: object, state: ToolState) -> ToolResult:
@@ -533,9 +534,8 @@ def _checked_result(name: str, args: dict, res: object, state: ToolState) -> Too
             and 1 <= im.source <= len(state.images)
         ):
             return _error(name, args, f"tool '{name}' returned an invalid image")
-    text = echo(res.text, MAX_OBS_CHARS)
-    if not res.ok and not text.startswith("Error: "):
-        text = "Error: " + text
+    text = res.text if res.ok or res.text.startswith("Error: ") else "Error: " + res.text
+    text = echo(text, MAX_OBS_CHARS if res.ok else MAX_ERROR_CHARS)
     return ToolResult(
         name,
         res.arguments if isinstance(res.arguments, dict) else args,
@@ -557,7 +557,8 @@ def run_tool(
 
     The single entry point for every tool: the payload passes the size, depth and number
     checks of :func:`parse_tool_call` first, the tool's exception or malformed result becomes
-    an error result, and its text is cut to :data:`MAX_OBS_CHARS`.
+    an error result, and its text is cut to :data:`MAX_OBS_CHARS` (:data:`MAX_ERROR_CHARS` for
+    an error).
 
     Args:
         payload: the text between ``<tool_call>`` and ``</tool_call>``.

@@ -19,6 +19,7 @@ from experiments.attention import trajectory_regions
 from experiments.grids import grid_arms
 from train.batching import loss_weights
 from train.metrics import rollout_metrics
+from train.rewards import score
 
 ROTATE = "tests.agent.rotate_tool:Rotate"
 BROKEN = "tests.agent.rotate_tool:Broken"
@@ -78,7 +79,8 @@ def test_user_tool_is_advertised_called_masked_counted_and_labelled(policy, scri
     assert not any(traj.response_mask[obs])
     w = loss_weights(traj, mask_tokens=True, mask_trajectories=True)
     assert float(w[obs].abs().sum()) == 0.0
-    # counted in the metrics
+    # counted in the metrics (the trainer scores trajectories before it reduces them)
+    score([traj], "imagent", 0.5)
     row = rollout_metrics([traj], [w], cfg.tool_names)
     assert row["rollout/tool_calls/rotate"] == 1.0 and row["rollout/tool_calls/confirm"] == 0.0
     # labelled in the attention spans
