@@ -24,7 +24,6 @@ filesystem for ``root``, as DeepSpeed's own checkpoints do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,20 +34,12 @@ from typing import Any
 
 import torch
 
-from agent.weights import load_weights
+from agent.weights import file_sha256, load_weights
 from train import dist
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -123,7 +114,7 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, model, state: dict, k
     manifest = {
         "step": step,
         "files": {
-            str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in files
         },
     }
@@ -168,7 +159,7 @@ def verify_checkpoint(folder: str | Path) -> str | None:
             return f"{path}: missing"
         if path.stat().st_size != meta["bytes"]:
             return f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']} (cut off)"
-        if _sha256(path) != meta["sha256"]:
+        if file_sha256(path) != meta["sha256"]:
             return f"{path}: sha256 differs from the manifest (corrupted)"
     return None
 
