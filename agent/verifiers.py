@@ -30,7 +30,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 
-from agent.data.scoring import NUMBER_WORDS, exact_match
+from agent.data.scoring import NUMBER_WORDS, PUNCT_TO_SPACE, exact_match
 from agent.trajectory import Trajectory
 
 Verifier = Callable[[str | None, str], float]
@@ -121,7 +121,7 @@ def parse_number(text: str | None) -> float | None:
         return None
     text = _THOUSANDS.sub(lambda m: m.group(1) + m.group(2).replace(",", ""), str(text)[:MAX_CHARS])
     values = {float(match.group(0)) for match in _NUMBER.finditer(text)}
-    words = text.lower().translate(str.maketrans(string.punctuation, " " * 32)).split()
+    words = text.lower().translate(PUNCT_TO_SPACE).split()
     values.update(float(NUMBER_WORDS[w]) for w in words if w in NUMBER_WORDS)
     if len(values) != 1:
         return None

@@ -22,7 +22,8 @@ _ORDINALS = "first second third fourth fifth sixth seventh eighth ninth tenth"
 ORDINAL_WORDS: dict[str, int] = {w: v for v, w in enumerate(_ORDINALS.split(), start=1)}
 """Ordinal words ("the second image") understood by :func:`normalize_answer`."""
 
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
+"""``str.translate`` table turning ASCII punctuation into spaces."""
 _ORDINAL_SUFFIX = re.compile(r"^(\d+)(st|nd|rd|th)$")
 
 
@@ -89,7 +90,7 @@ def normalize_answer(text: str | None, answer_type: str) -> str | None:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     if text is None:
         return None
-    tokens = str(text).lower().translate(_PUNCT).split()
+    tokens = str(text).lower().translate(PUNCT_TO_SPACE).split()
     if answer_type == "word":
         return " ".join(tokens) or None
     numbers = {n for n in map(_number, tokens) if n is not None}
