@@ -77,7 +77,7 @@ class Preset:
             (``rollout_backend="vllm"`` and its engine settings); otherwise the HF
             ``generate`` backend is kept.
         context: the model's context in tokens (``max_position_embeddings``), which the
-            worst-case trajectory must fit (:func:`worst_case_tokens`).
+            preset's token budgets must fit (:func:`worst_case_tokens`).
         patch_size, merge_size: the model's vision patch and merge sizes (image tokens per
             image = pixels / (patch_size * merge_size)**2).
     """
@@ -177,15 +177,27 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def worst_case_tokens(agent: AgentConfig, preset: Preset, prompt_tokens: int) -> int:
-    """Tokens of a preset's longest possible trajectory: ``prompt_tokens`` of text, every
-    image of the ``max_images`` budget at ``max_pixels`` (capped by ``max_image_tokens``),
-    and ``max_new_tokens`` sampled on each of ``max_turns`` turns.
+def worst_case_tokens(agent: AgentConfig, preset: Preset, prompt_tokens: int) -> dict[str, int]:
+    """The token budgets a preset must keep consistent, worst case.
+
+    The agent ends an episode before a turn once ``len + max_new_tokens > max_total_tokens``
+    (``agent.rollout.Agent.step``), so no trajectory is longer than ``max_total_tokens``
+    and vLLM is started with ``max_model_len = max_total_tokens + max_new_tokens``
+    (:func:`train.vllm_backend.make_vllm_generator`). Two things must then hold: that length within
+    the model's positions, and room, after the whole image budget is spent (``max_images``
+    images at ``max_pixels``, capped by ``max_image_tokens``), for one more full turn, so that
+    an episode that zoomed to its budget can still answer.
 
     Args:
         agent: the preset's agent config (``max_pixels`` must be set).
-        preset: the preset (patch and merge sizes).
-        prompt_tokens: text tokens of the prompt and observations (without image tokens).
+        preset: the preset (patch and merge sizes, context).
+        prompt_tokens: text tokens of the prompt and every observation (no image tokens).
+
+    Returns:
+        ``{"image_tokens", "answer_turn", "max_total_tokens", "engine_len", "context"}``:
+        the image budget in tokens; ``prompt_tokens + image_tokens + max_new_tokens``, which
+        must be <= ``max_total_tokens``; and ``max_total_tokens + max_new_tokens``, which must be
+        <= ``context``.
 
     Raises:
         ValueError: ``agent.max_pixels`` is None (the processor's cap is unknown here).
@@ -196,7 +208,13 @@ def worst_case_tokens(agent: AgentConfig, preset: Preset, prompt_tokens: int) ->
     images = agent.max_images * per_image
     if agent.max_image_tokens is not None:
         images = min(images, agent.max_image_tokens)
-    return prompt_tokens + images + agent.max_turns * agent.max_new_tokens
+    return {
+        "image_tokens": images,
+        "answer_turn": prompt_tokens + images + agent.max_new_tokens,
+        "max_total_tokens": agent.max_total_tokens,
+        "engine_len": agent.max_total_tokens + agent.max_new_tokens,
+        "context": preset.context,
+    }
 
 
 def get_preset(name: str) -> Preset:

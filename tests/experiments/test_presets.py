@@ -83,9 +83,10 @@ def test_preset_fields_are_checked():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_worst_case_trajectory_fits_the_context(name):
-    """max_images images at max_pixels (capped by max_image_tokens), max_turns x max_new_tokens
-    sampled, and the prompt's text (relook's longest system turn, question and observations,
-    measured on relook-tiny's tokenizer, x4 for headroom): within the model's context."""
+    """The preset's own budgets, not only the model's context: the prompt's text (relook's
+    longest system turn, question and observations, measured on relook-tiny's tokenizer, x4
+    for headroom), every image of the budget and one full turn fit ``max_total_tokens``
+    (28,672), and vLLM's ``max_model_len`` (38,912) fits the model's positions."""
     from agent.modeling import load_policy
     from agent.prompting import FORMAT_WITH_TOOLS, system_text
     from agent.tools import resolve_tools
@@ -98,12 +99,12 @@ def test_preset_worst_case_trajectory_fits_the_context(name):
     text = system_text(resolve_tools("both")) + FORMAT_WITH_TOOLS + "Which image? " * 20
     obs = "<tool_response>\nHere is the zoomed region of Image 2.\nImage 2 (confirm): </tool_response>"
     prompt = 4 * len(tok.encode(text + agent.max_turns * obs))
-    worst = worst_case_tokens(agent, preset, prompt)
-    per_image = agent.max_pixels // 28**2
-    print(
-        f"{name}: {agent.max_images} images x {per_image} tokens (cap {agent.max_image_tokens})"
-        f" + {agent.max_turns} x {agent.max_new_tokens} sampled + {prompt} text = {worst}"
-        f" <= context {preset.context}"
-    )
-    assert worst <= preset.context
-    assert agent.max_image_tokens >= agent.max_images * per_image  # max_images binds first
+    b = worst_case_tokens(agent, preset, prompt)
+    print(f"{name}: {b}")
+    # after the whole image budget (12 x 1,280 tokens), one full turn still fits the
+    # trajectory budget, so an episode that zoomed to its limit can answer
+    assert b["image_tokens"] == agent.max_images * agent.max_pixels // 28**2
+    assert b["answer_turn"] <= agent.max_total_tokens == 28672
+    # vLLM's max_model_len (trajectory budget + one turn) within the model's positions
+    assert b["engine_len"] == 28672 + 10240 <= preset.context
+    assert agent.max_image_tokens >= b["image_tokens"]  # max_images binds first
